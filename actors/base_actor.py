@@ -1,0 +1,270 @@
+"""`BaseActor`: one base GPU. Holds the model's weights, runs the engine loop, streams tokens.
+
+Ray calls (requests, aborts, epoch changes) run on the actor's asyncio loop; the engine runs on
+its own thread, so a long step never blocks a call. The two meet in `_inbox` (commands to the
+engine thread) and per-request asyncio queues (events back to the callers).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, AsyncIterator
+
+import ray
+import torch
+
+from actors.config import CONTROLLER_NAME, NAMESPACE, ClusterConfig
+from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, TokenEvent
+from actors.protocol import OP_FREE
+from actors.pooled_attention import PooledAttention, PoolFailure
+from actors.transport import DataPlane
+from fapool.attention import select_kernel
+from fapool.engine import LLMEngine
+from fapool.sequence import RequestOutput
+
+log = logging.getLogger(__name__)
+REPORT_EVERY_S = 0.5
+
+
+class BaseActor:
+    def __init__(self, base_id: int, cfg: ClusterConfig) -> None:
+        self.base_id = base_id
+        self.cfg = cfg
+        self.executor: PooledAttention | None = None
+
+        def make_executor(loaded, cache):
+            kernel = select_kernel(loaded.device, cfg.engine.attention_kernel, dtype=loaded.dtype)
+            self.executor = PooledAttention(
+                loaded.config, cache, kernel, cfg.policy, cfg.num_base_actors, cfg.pool_wait_s
+            )
+            return self.executor
+
+        self.engine = LLMEngine(cfg.engine, executor_factory=make_executor)
+        self.node_ip = ray.util.get_node_ip_address()
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending_epoch: tuple[EpochSpec, Any] | None = None
+        self._orphans: list[int] = []
+        self._controller = None
+        self._last_report: tuple = ()
+        self._last_report_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"engine-b{base_id}")
+        self._thread.start()
+
+    # ---- Ray-facing calls -----------------------------------------------------------------
+    async def ready(self) -> dict[str, Any]:
+        loaded = self.engine.loaded
+        return {
+            "base_id": self.base_id,
+            "model_config": loaded.config,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device_type": loaded.device.type,
+            "max_model_len": self.engine.max_model_len,
+            "max_seq_tokens": self.executor.max_seq_tokens(),
+            "node_ip": self.node_ip,
+        }
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Stream a request's tokens: one `TokenEvent` per step, the last with `finish_reason`."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        rid = req.request_id
+        if rid in self._streams:
+            yield TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight")
+            return
+        self._streams[rid] = (loop, events)
+        finished = False
+        try:
+            self._inbox.put(("add", req))
+            while True:
+                ev = await events.get()
+                finished = ev.finish_reason is not None
+                yield ev
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the caller went away: free its KV now
+                self._inbox.put(("abort", rid))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def stats(self) -> BaseStats:
+        return await self._ask("stats")
+
+    async def set_capacity(self, capacity: int) -> None:
+        """How many members the cluster can give: a long prompt waits only for a pool that can come."""
+        self._inbox.put(("capacity", capacity))
+
+    async def set_draining(self, member_ids: frozenset[int]) -> dict[int, int]:
+        """Stop placing sequences on these members; returns live pooled sequences per member."""
+        return await self._ask("draining", member_ids)
+
+    async def seqs_per_member(self) -> dict[int, int]:
+        return await self._ask("seqs_per_member")
+
+    async def prepare_epoch(self, spec: EpochSpec) -> tuple[str, int]:
+        """Open the rendezvous store of a new group; members join it, then `commit_epoch`."""
+        store = DataPlane.host_store(self.node_ip, self.cfg.data_plane_timeout_s) if spec.members else None
+        self._pending_epoch = (spec, store)
+        return self.node_ip, (store.port if store is not None else 0)
+
+    async def commit_epoch(self, epoch: int) -> list[str]:
+        """Switch the engine to the prepared group between two steps; returns recomputed requests."""
+        return await self._ask("epoch", epoch)
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("noop", None))
+
+    async def _ask(self, kind: str, arg: Any = None) -> Any:
+        fut: Future = Future()
+        self._inbox.put((kind, (arg, fut)))
+        return await asyncio.wrap_future(fut)
+
+    # ---- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except PoolFailure as e:
+                    log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
+                    self._recover(str(e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
+                    log.exception("base %d: step failed", self.base_id)
+                    self._fail_running(f"internal error: {e}")
+                    continue
+                for out in outputs:
+                    self._emit(out)
+            self._report()
+        if self.executor is not None:
+            self.executor.retire_plane()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, arg: Any) -> None:
+        ex = self.executor
+        assert ex is not None
+        if kind == "add":
+            self._add(arg)
+        elif kind == "abort":
+            out = self.engine.abort(arg)
+            if out is not None:
+                self._emit(out)
+        elif kind == "capacity":
+            ex.capacity_hint = arg
+        elif kind == "noop":
+            pass
+        else:
+            value, fut = arg
+            try:
+                fut.set_result(self._answer(kind, value))
+            except Exception as e:  # noqa: BLE001 - hand the error to the caller
+                fut.set_exception(e)
+
+    def _answer(self, kind: str, value: Any) -> Any:
+        ex = self.executor
+        if kind == "stats":
+            sched = self.engine.scheduler
+            return BaseStats(self.base_id, ex.spec.epoch, len(sched.running), len(sched.waiting), len(ex.pooled),
+                             ex.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
+                             tuple(sched.contexts_in_flight()))
+        if kind == "draining":
+            ex.spec = EpochSpec(ex.spec.epoch, ex.spec.members, frozenset(value))
+            return ex.seqs_per_member()
+        if kind == "seqs_per_member":
+            return ex.seqs_per_member()
+        if kind == "epoch":
+            return self._switch_epoch(value)
+        raise ValueError(f"unknown command {kind!r}")
+
+    def _add(self, req: GenerateRequest) -> None:
+        if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
+            self._emit_event(TokenEvent(req.request_id, (), "", "error", error="overloaded: the queue is full"))
+            return
+        try:
+            ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
+            self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
+        except ValueError as e:
+            self._emit_event(TokenEvent(req.request_id, (), "", "error", error=str(e)))
+
+    def _switch_epoch(self, epoch: int) -> list[str]:
+        assert self._pending_epoch is not None and self._pending_epoch[0].epoch == epoch
+        spec, store = self._pending_epoch
+        self._pending_epoch = None
+        plane = None
+        if spec.members:
+            plane = DataPlane.connect(store, self.node_ip, store.port, f"epoch{epoch}/", 0,
+                                      1 + len(spec.members), self.engine.loaded.device, self.cfg.data_plane_timeout_s)
+        stale = self.executor.switch_epoch(spec, plane)
+        if plane is not None and self._orphans:
+            # Shards of requests recomputed after a failure may survive on healthy members.
+            plane.send_header(OP_FREE, torch.tensor(self._orphans, dtype=torch.int64))
+            self._orphans = []
+        self.engine.recompute(stale)
+        return stale
+
+    def _recover(self, reason: str) -> None:
+        """A member was lost mid-step: drop the group and prefill pooled requests again."""
+        ex = self.executor
+        ids = list(ex.pooled)
+        self._orphans += [p.handle for p in ex.pooled.values()]
+        failed_epoch = ex.spec.epoch
+        ex.switch_epoch(EpochSpec(failed_epoch, ()), None)
+        self.engine.recompute(ids)
+        self._report(force=True, failed=True)
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self.engine.scheduler.running):
+            out = self.engine.abort(seq.request_id)
+            if out is not None:
+                self._emit(out, error=message)
+
+    def _emit(self, out: RequestOutput, error: str | None = None) -> None:
+        self._emit_event(TokenEvent(
+            out.request_id, out.new_token_ids, out.text_delta,
+            ("error" if error else out.finish_reason) if out.finished else None,
+            out.prompt_tokens, out.completion_tokens, error or out.error,
+        ))
+
+    def _emit_event(self, ev: TokenEvent) -> None:
+        target = self._streams.get(ev.request_id)
+        if target is not None:
+            loop, events = target
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+    def _report(self, force: bool = False, failed: bool = False) -> None:
+        """Tell the controller the contexts in flight when they change (fire and forget)."""
+        ex = self.executor
+        contexts = tuple(sorted(self.engine.scheduler.contexts_in_flight(), reverse=True))
+        per_member = tuple(sorted(ex.seqs_per_member().items()))
+        state = (contexts, per_member)
+        now = time.monotonic()
+        if not force and state == self._last_report and now - self._last_report_s < REPORT_EVERY_S:
+            return
+        self._last_report, self._last_report_s = state, now
+        try:
+            if self._controller is None:
+                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+            self._controller.report.remote(BaseReport(self.base_id, ex.spec.epoch, contexts, per_member, failed))
+        except Exception:  # noqa: BLE001 - no controller (a bare test): nothing to tell
+            self._controller = None

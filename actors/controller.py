@@ -1,0 +1,253 @@
+"""`PoolController`: grows and shrinks the attention pool, and owns the base and pool actors.
+
+Each tick it applies the pure policy (`fapool.policy.decide`) to the contexts the bases report,
+then reconciles: new members are created, started and joined to a new data-plane epoch before any
+base places work on them; surplus members are first marked draining (bases place nothing new on
+them) and removed only once no live sequence holds KV there, so a scale-down never loses a request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from actors.base_actor import BaseActor
+from actors.config import ClusterConfig
+from actors.messages import BaseReport, EpochSpec, JoinSpec, MemberInfo, PoolStatus, ScaleEvent
+from actors.pool_actor import AttentionPoolActor
+from fapool.policy import PolicyState, decide
+
+log = logging.getLogger(__name__)
+HEALTH_EVERY_S = 2.0
+
+
+@dataclass
+class Member:
+    handle: Any
+    info: MemberInfo
+
+
+class PoolController:
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.bases: list[Any] = []
+        self.base_info: list[dict[str, Any]] = []
+        self.members: dict[int, Member] = {}
+        self.draining: set[int] = set()
+        self.epoch = 0
+        self.state = PolicyState()
+        self.reports: dict[int, BaseReport] = {}
+        self.events: deque[ScaleEvent] = deque(maxlen=cfg.max_events)
+        self.scale_counts = {"up": 0, "down": 0}
+        self._next_id = 1
+        self._wake = asyncio.Event()
+        self._suspect = False
+        self._last_health_s = 0.0
+        self._task: asyncio.Task | None = None
+        self._told_capacity = cfg.policy.max_pool  # what the bases assume until told otherwise
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> list[dict[str, Any]]:
+        """Create the base actors and start the policy loop (idempotent)."""
+        if self.bases:
+            return self.base_info
+        on_cuda = self._on_cuda()
+        cls = ray.remote(BaseActor).options(**self.cfg.actor_options(on_cuda), max_concurrency=1000)
+        self.bases = [cls.remote(i, self.cfg) for i in range(self.cfg.num_base_actors)]
+        self.base_info = list(await asyncio.gather(*(b.ready.remote() for b in self.bases)))
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self.base_info
+
+    async def get_bases(self) -> list[Any]:
+        return self.bases
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*(b.shutdown.remote() for b in self.bases), return_exceptions=True)
+        for m in self.members.values():
+            ray.kill(m.handle)
+        for b in self.bases:
+            ray.kill(b)
+        self.members.clear()
+        self.bases = []
+
+    # ---- inputs and outputs ---------------------------------------------------------------
+    async def report(self, r: BaseReport) -> None:
+        self.reports[r.base_id] = r
+        if r.pool_failed:
+            self._suspect = True
+        self._wake.set()
+
+    async def status(self) -> PoolStatus:
+        contexts = tuple(c for r in self.reports.values() for c in r.contexts)
+        return PoolStatus(
+            size=len(self.members), target=self.state.target, epoch=self.epoch,
+            members=tuple(sorted(self.members)), draining=tuple(sorted(self.draining)),
+            capacity=self._capacity(), longest_context=max(contexts, default=0), contexts=contexts,
+            events=tuple(self.events),
+        )
+
+    async def member_handle(self, member_id: int) -> Any:
+        return self.members[member_id].handle
+
+    async def scale_counts_total(self) -> dict[str, int]:
+        return dict(self.scale_counts)
+
+    # ---- the loop -------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.tick_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._reconcile()
+            except Exception:  # noqa: BLE001 - keep the controller alive; retry next tick
+                log.exception("pool reconcile failed")
+
+    async def _reconcile(self) -> None:
+        now = time.monotonic()
+        if self._suspect or (self.members and now - self._last_health_s > HEALTH_EVERY_S):
+            self._last_health_s = now
+            await self._heal()
+        contexts = [c for r in self.reports.values() for c in r.contexts]
+        prev = self.state.target
+        capacity = self._capacity()
+        d = decide(contexts, capacity, self.state, now, self.cfg.policy)
+        self.state = d.state
+        if d.target != prev:
+            self._request_gpus(d.target)
+        if capacity != self._told_capacity:
+            self._told_capacity = capacity
+            for b in self.bases:
+                b.set_capacity.remote(capacity)
+        active = [m for m in self.members if m not in self.draining]
+        if d.target > len(active):
+            revive = sorted(self.draining)[: d.target - len(active)]
+            if revive:
+                self.draining -= set(revive)
+                await self._push_draining()
+            if d.target - len(active) - len(revive) > 0:
+                await self._add(d.target - len(active) - len(revive), d.reason)
+        elif d.target < len(active):
+            counts = await self._seqs_per_member()
+            # Drain the members holding the fewest sequences, the newest first on ties.
+            pick = sorted(active, key=lambda m: (counts.get(m, 0), -m))[: len(active) - d.target]
+            self.draining |= set(pick)
+            await self._push_draining()
+        if self.draining:
+            counts = await self._seqs_per_member()
+            idle = [m for m in self.draining if counts.get(m, 0) == 0]
+            if idle:
+                await self._remove(idle, "drained: " + d.reason)
+
+    # ---- membership changes ---------------------------------------------------------------
+    async def _add(self, n: int, reason: str) -> None:
+        info = self.base_info[0]
+        opts = self.cfg.actor_options(self._on_cuda())
+        cls = ray.remote(AttentionPoolActor).options(**opts, max_concurrency=8)
+        eng = self.cfg.engine
+        new = {}
+        for _ in range(n):
+            mid, self._next_id = self._next_id, self._next_id + 1
+            new[mid] = cls.remote(mid, info["model_config"], info["dtype"], info["device_type"],
+                                  self.cfg.member_kv_capacity_tokens, eng.attention_kernel, self.cfg.data_plane_timeout_s)
+        results = await asyncio.gather(*(h.info.remote() for h in new.values()), return_exceptions=True)
+        before = len(self.members)
+        for (mid, h), res in zip(new.items(), results):
+            if isinstance(res, Exception):
+                log.warning("pool member %d failed to start: %s", mid, res)
+                ray.kill(h)
+            else:
+                self.members[mid] = Member(h, res)
+        if len(self.members) > before:
+            await self._form_epoch()
+            self._event(before, len(self.members), "up", reason)
+
+    async def _remove(self, ids: list[int], reason: str) -> None:
+        before = len(self.members)
+        gone = [self.members.pop(m) for m in ids]
+        self.draining -= set(ids)
+        await self._form_epoch()
+        for m in gone:
+            ray.kill(m.handle)
+        self._event(before, len(self.members), "down", reason)
+
+    async def _heal(self) -> None:
+        """Drop members that no longer answer; the policy replaces them on this tick."""
+        self._suspect = False
+        pings = {mid: m.handle.ping.remote() for mid, m in self.members.items()}
+        dead = []
+        for mid, ref in pings.items():
+            try:
+                await asyncio.wait_for(ref, timeout=10.0)
+            except Exception:  # noqa: BLE001 - RayActorError or timeout: the member is gone
+                dead.append(mid)
+        if dead:
+            await self._remove(dead, f"member(s) {dead} died")
+        elif any(r.pool_failed for r in self.reports.values()):
+            await self._form_epoch()  # a transient data-plane error: re-form the group
+
+    async def _form_epoch(self) -> None:
+        """Build a new data-plane group for every base with the current members."""
+        self.epoch += 1
+        spec = EpochSpec(self.epoch, tuple(m.info for _, m in sorted(self.members.items())), frozenset(self.draining))
+        addrs = await asyncio.gather(*(b.prepare_epoch.remote(spec) for b in self.bases))
+        for base_id, (host, port) in enumerate(addrs):
+            for rank, info in enumerate(spec.members, start=1):
+                self.members[info.member_id].handle.join.remote(
+                    JoinSpec(base_id, spec.epoch, host, port, rank, 1 + len(spec.members)))
+        await asyncio.gather(*(b.commit_epoch.remote(spec.epoch) for b in self.bases))
+        self.reports = {k: BaseReport(r.base_id, spec.epoch, r.contexts, r.seqs_per_member, False)
+                        for k, r in self.reports.items()}
+
+    async def _push_draining(self) -> dict[int, int]:
+        res = await asyncio.gather(*(b.set_draining.remote(frozenset(self.draining)) for b in self.bases))
+        return _sum_counts(res)
+
+    async def _seqs_per_member(self) -> dict[int, int]:
+        return _sum_counts(await asyncio.gather(*(b.seqs_per_member.remote() for b in self.bases)))
+
+    # ---- resources ------------------------------------------------------------------------
+    def _on_cuda(self) -> bool:
+        dev = self.cfg.engine.device
+        return dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+    def _capacity(self) -> int:
+        """Members the cluster can hold now: those we have plus what free GPUs allow."""
+        per = self.cfg.gpus_per_actor(self._on_cuda())
+        if per <= 0:
+            return self.cfg.policy.max_pool
+        free = ray.available_resources().get("GPU", 0.0)
+        return len(self.members) + int(free // per)
+
+    def _request_gpus(self, target: int) -> None:
+        per = self.cfg.gpus_per_actor(self._on_cuda())
+        if per <= 0:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"GPU": per}] * (len(self.bases) + target))
+        except Exception as e:  # noqa: BLE001 - no autoscaler on a fixed cluster
+            log.debug("request_resources: %s", e)
+
+    def _event(self, before: int, after: int, direction: str, reason: str) -> None:
+        self.events.append(ScaleEvent(time.time(), before, after, direction, reason))
+        self.scale_counts[direction] += 1
+        log.info("pool %s %d -> %d: %s", direction, before, after, reason)
+
+
+def _sum_counts(per_base: list[dict[int, int]]) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for counts in per_base:
+        for mid, n in counts.items():
+            total[mid] = total.get(mid, 0) + n
+    return total

@@ -1,0 +1,103 @@
+"""Typed messages between the serve layer, the controller, base actors and pool members."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fapool.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed piece of a request: new tokens and text; the last one has `finish_reason`."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    member_id: int
+    capacity_tokens: int
+    node_ip: str
+
+
+@dataclass(frozen=True)
+class EpochSpec:
+    """A data-plane membership: rank 0 is the base, rank i the i-th member of `members`."""
+
+    epoch: int
+    members: tuple[MemberInfo, ...]
+    draining: frozenset[int] = frozenset()  # member ids that take no new sequences
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    """What a pool member needs to join one base's data-plane group for one epoch."""
+
+    base_id: int
+    epoch: int
+    store_host: str
+    store_port: int
+    rank: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class BaseReport:
+    """What a base tells the controller: its contexts in flight and where pooled KV lives."""
+
+    base_id: int
+    epoch: int
+    contexts: tuple[int, ...]
+    seqs_per_member: tuple[tuple[int, int], ...] = ()  # (member_id, live pooled sequences)
+    pool_failed: bool = False  # the data plane broke: check members and re-form the group
+
+
+@dataclass(frozen=True)
+class BaseStats:
+    base_id: int
+    epoch: int
+    running: int
+    waiting: int
+    pooled: int  # running requests whose KV is spread over the pool
+    pooled_total: int  # requests ever admitted to the pool
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+    contexts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScaleEvent:
+    time_s: float  # wall clock (time.time())
+    from_size: int
+    to_size: int
+    direction: str  # "up" or "down"
+    reason: str
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """The controller's state, for `/pool`, the dashboard and the metrics."""
+
+    size: int
+    target: int
+    epoch: int
+    members: tuple[int, ...]
+    draining: tuple[int, ...]
+    capacity: int
+    longest_context: int
+    contexts: tuple[int, ...]
+    events: tuple[ScaleEvent, ...] = field(default=())

@@ -1,0 +1,93 @@
+"""`AttentionPoolActor`: one pool member, one GPU; holds KV shards and computes attention blocks."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import ray
+import torch
+
+from actors.messages import JoinSpec, MemberInfo
+from actors.shard_server import ShardServer
+from actors.transport import DataPlane
+from fapool.attention import select_kernel
+from fapool.config import ModelConfig
+from fapool.kvcache import KVCache, capacity_from_memory
+from fapool.loader import resolve_device
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class AttentionPoolActor:
+    def __init__(
+        self,
+        member_id: int,
+        model_cfg: ModelConfig,
+        dtype: str,
+        device: str,
+        kv_capacity_tokens: int | None,
+        attention_kernel: str,
+        timeout_s: float,
+    ) -> None:
+        self.member_id = member_id
+        self.cfg = model_cfg
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch_dtype = DTYPES[dtype]
+        capacity = kv_capacity_tokens or capacity_from_memory(model_cfg, torch_dtype, self.device)
+        self.cache = KVCache(model_cfg, capacity, torch_dtype, self.device)
+        self.kernel = select_kernel(self.device, attention_kernel, dtype=torch_dtype)
+        self.timeout_s = timeout_s
+        self._servers: dict[tuple[int, int], ShardServer] = {}
+        self._lock = threading.Lock()
+
+    def info(self) -> MemberInfo:
+        return MemberInfo(self.member_id, self.cache.capacity_tokens, ray.util.get_node_ip_address())
+
+    def join(self, spec: JoinSpec) -> None:
+        """Join a base's group for an epoch in the background; the base's rendezvous completes it."""
+        threading.Thread(target=self._serve, args=(spec,), daemon=True, name=f"shards-b{spec.base_id}").start()
+
+    def _serve(self, spec: JoinSpec) -> None:
+        key = (spec.base_id, spec.epoch)
+        server = None
+        try:
+            plane = DataPlane.connect(
+                None, spec.store_host, spec.store_port, f"epoch{spec.epoch}/", spec.rank,
+                spec.world_size, self.device, self.timeout_s,
+            )
+            server = ShardServer(spec.base_id, plane, self.cache, self.kernel, self.cfg)
+            with self._lock:
+                self._servers[key] = server
+            server.serve()
+            plane.close()
+        except Exception as e:  # noqa: BLE001 - a broken group: the base recomputes its sequences
+            log.warning("member %d: group of base %d epoch %d ended: %s", self.member_id, *key, e)
+            if server is not None:
+                server.drop_all()
+        finally:
+            with self._lock:
+                self._servers.pop(key, None)
+
+    def drop_base(self, base_id: int) -> None:
+        """Free every shard a (dead) base left here."""
+        prefix = f"{base_id}:"
+        for seq_id in self.cache.seq_ids():
+            if seq_id.startswith(prefix):
+                self.cache.free(seq_id)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            groups = len(self._servers)
+        return {
+            "member_id": self.member_id,
+            "groups": groups,
+            "shards": len(self.cache.seq_ids()),
+            "kv_used_tokens": self.cache.reserved_tokens,
+            "kv_capacity_tokens": self.cache.capacity_tokens,
+        }
+
+    def ping(self) -> int:
+        return self.member_id

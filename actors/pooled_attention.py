@@ -1,0 +1,293 @@
+"""The base's attention executor: short sequences stay local, long ones go to the pool.
+
+A pooled sequence is split into `1 + members` parts by zigzag query blocks; part 0 is the base's
+own (so the base GPU shares the attention work instead of idling), parts 1.. live on pool members.
+After prefill each part keeps the K, V rows of its blocks; decode steps send q to every member,
+each returns (out, lse) over its shard, and the base merges them with its own part (its prefill
+rows plus every generated token) in an LSE tree. The base computes its part and its local
+sequences while the members work.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from actors.messages import EpochSpec, MemberInfo
+from actors.protocol import (
+    OP_DECODE,
+    OP_FREE,
+    OP_PREFILL,
+    OP_STOP,
+    TAG_LSE,
+    TAG_OUT,
+    PrefillItem,
+    encode_prefill,
+)
+from actors.transport import DataPlane
+from fapool.attention import AttentionKernel, decode_partial, merge_tree, prefill_block, query_blocks
+from fapool.batch import StepBatch
+from fapool.config import ModelConfig
+from fapool.executor import AttentionExecutor, LocalAttention
+from fapool.kvcache import KVCache
+from fapool.policy import PolicyConfig
+
+
+class PoolFailure(RuntimeError):
+    """The data plane broke mid-step (a member died or timed out)."""
+
+
+@dataclass
+class PooledSeq:
+    handle: int
+    member_ids: tuple[int, ...]  # holders of parts 1..; part 0 is the base
+    rows: dict[int, int]  # member id -> KV rows it holds
+
+
+class PooledAttention(AttentionExecutor):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cache: KVCache,
+        kernel: AttentionKernel,
+        policy: PolicyConfig,
+        num_bases: int = 1,
+        pool_wait_s: float = 30.0,
+    ) -> None:
+        self.cfg = cfg
+        self.local = LocalAttention(cache, kernel)
+        self.cache, self.kernel = cache, kernel
+        self.policy = policy
+        self.threshold = policy.curve.threshold  # shortest prompt that goes to the pool
+        self.num_bases = num_bases  # members' capacity is shared evenly between bases
+        self.pool_wait_s = pool_wait_s
+        self.plane: DataPlane | None = None
+        self.spec = EpochSpec(0, ())
+        self.capacity_hint = policy.max_pool  # members the cluster can give, from the controller
+        self.pooled: dict[str, PooledSeq] = {}
+        self.pooled_total = 0
+        self.member_used: dict[int, int] = {}
+        self._handles = itertools.count(1)
+        self._deferred_since: dict[str, float] = {}
+        self._batch: StepBatch | None = None
+        self._offsets: list[int] = []
+
+    # ---- membership ------------------------------------------------------------------------
+    def active_members(self) -> list[MemberInfo]:
+        return [m for m in self.spec.members if m.member_id not in self.spec.draining]
+
+    def rank_of(self, member_id: int) -> int:
+        return 1 + [m.member_id for m in self.spec.members].index(member_id)
+
+    def switch_epoch(self, spec: EpochSpec, plane: DataPlane | None) -> list[str]:
+        """Retire the old group and adopt a new one. Returns pooled sequences that lost a holder."""
+        self.retire_plane()
+        self.spec, self.plane = spec, plane
+        alive = {m.member_id for m in spec.members}
+        return [sid for sid, p in self.pooled.items() if not set(p.member_ids) <= alive]
+
+    def retire_plane(self) -> None:
+        if self.plane is not None:
+            try:
+                self.plane.send_header(OP_STOP, torch.empty(0, dtype=torch.int64))
+            except Exception:  # noqa: BLE001 - a broken group cannot be stopped politely
+                pass
+            self.plane.close()
+            self.plane = None
+
+    def seqs_per_member(self) -> dict[int, int]:
+        counts = {m.member_id: 0 for m in self.spec.members}
+        for p in self.pooled.values():
+            for mid in p.member_ids:
+                counts[mid] = counts.get(mid, 0) + 1
+        return counts
+
+    # ---- capacity --------------------------------------------------------------------------
+    def quota(self, m: MemberInfo) -> int:
+        return m.capacity_tokens // self.num_bases
+
+    def max_seq_tokens(self) -> int:
+        pooled = sum(self.quota(m) for m in self.active_members())
+        return max(self.cache.capacity_tokens, self.cache.capacity_tokens + pooled)
+
+    def _plan(self, num_prompt: int, num_tokens: int) -> tuple[list[MemberInfo], list[int]] | None:
+        """Members for parts 1.. and the rows of every part, if they all fit now."""
+        members = self.active_members()
+        if num_prompt < self.threshold or not members or self.plane is None:
+            return None
+        blocks = query_blocks(num_prompt, 1 + len(members))
+        rows = [sum(e - s for s, e in b) for b in blocks]
+        for m, r in zip(members, rows[1:]):
+            if self.member_used.get(m.member_id, 0) + r > self.quota(m):
+                return None
+        if not self.cache.can_allocate(rows[0] + num_tokens - num_prompt):
+            return None
+        return members, rows
+
+    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
+        wanted = min(self.policy.curve.size_for(num_prompt), self.policy.max_pool, self.capacity_hint)
+        if wanted > len(self.active_members()):
+            # The pool is growing for this prompt: wait for it a while rather than run it on fewer.
+            since = self._deferred_since.setdefault(seq_id, time.monotonic())
+            if time.monotonic() - since < self.pool_wait_s:
+                return False
+        return self._plan(num_prompt, num_tokens) is not None or self.cache.can_allocate(num_tokens)
+
+    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
+        self._deferred_since.pop(seq_id, None)
+        plan = self._plan(num_prompt, num_tokens)
+        if plan is None:
+            self.local.allocate(seq_id, num_prompt, num_tokens)
+            return
+        members, rows = plan
+        self.cache.allocate(seq_id, rows[0] + num_tokens - num_prompt)
+        held = {m.member_id: r for m, r in zip(members, rows[1:])}
+        for mid, r in held.items():
+            self.member_used[mid] = self.member_used.get(mid, 0) + r
+        self.pooled[seq_id] = PooledSeq(next(self._handles), tuple(held), held)
+        self.pooled_total += 1
+
+    def free(self, seq_id: str) -> None:
+        self._deferred_since.pop(seq_id, None)
+        self.cache.free(seq_id)
+        p = self.pooled.pop(seq_id, None)
+        if p is None:
+            return
+        for mid, r in p.rows.items():
+            self.member_used[mid] = self.member_used.get(mid, 0) - r
+        if self.plane is not None:
+            try:
+                self.plane.send_header(OP_FREE, torch.tensor([p.handle], dtype=torch.int64))
+            except Exception as e:  # noqa: BLE001
+                raise PoolFailure(f"freeing a shard failed: {e}") from e
+
+    # ---- the step --------------------------------------------------------------------------
+    def begin_step(self, batch: StepBatch) -> None:
+        self._batch = batch
+        self._offsets = batch.offsets()
+        self._pooled_idx = [i for i, s in enumerate(batch.slices) if s.seq_id in self.pooled]
+        if not self._pooled_idx:
+            return
+        assert self.plane is not None, "pooled sequences without a data plane"
+        seqs = [self.pooled[batch.slices[i].seq_id] for i in self._pooled_idx]
+        if batch.kind == "prefill":
+            items = [
+                PrefillItem(p.handle, batch.slices[i].num_tokens, (0, *map(self.rank_of, p.member_ids)))
+                for i, p in zip(self._pooled_idx, seqs)
+            ]
+            self._items = items
+            body = [*encode_prefill(items)]
+            op = OP_PREFILL
+        else:
+            body = [p.handle for p in seqs]
+            op = OP_DECODE
+        self._guard(lambda: self.plane.send_header(op, torch.tensor(body, dtype=torch.int64)))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        assert self._batch is not None
+        out = torch.empty_like(q)
+        slices, offs = self._batch.slices, self._offsets
+        pending = self._exchange(layer, q, k, v, out) if self._pooled_idx else None
+        pooled = set(self._pooled_idx)
+        for i, s in enumerate(slices):
+            if i not in pooled:  # local sequences overlap with the members' work
+                lo, hi = offs[i], offs[i + 1]
+                out[lo:hi] = self.local.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
+        if pending is not None:
+            self._guard(pending)
+        return out
+
+    def _exchange(self, layer: int, q, k, v, out: torch.Tensor):
+        """Send this layer's pooled work, compute the base's part; returns the finishing step."""
+        if self._batch.kind == "prefill":
+            return self._prefill_layer(layer, q, k, v, out)
+        return self._decode_layer(layer, q, k, v, out)
+
+    def _prefill_layer(self, layer: int, q, k, v, out: torch.Tensor):
+        slices, offs, plane = self._batch.slices, self._offsets, self.plane
+        hq, d = self.cfg.num_attention_heads, self.cfg.head_dim
+        qkv = torch.cat(
+            [torch.cat([q[offs[i] : offs[i + 1]], k[offs[i] : offs[i + 1]], v[offs[i] : offs[i + 1]]], dim=1)
+             for i in self._pooled_idx]
+        )  # (T, Hq + 2 Hkv, D)
+        self._guard(lambda: plane.broadcast(qkv))
+        recvs = []
+        for rank in range(1, plane.world_size):
+            rows = sum(e - s for it in self._items for s, e in it.ranges_of(rank))
+            if rows:
+                buf = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
+                recvs.append((rank, buf, self._guard(lambda r=rank, b=buf: plane.irecv(b, r, TAG_OUT))))
+        for i, it in zip(self._pooled_idx, self._items):
+            lo, hi = offs[i], offs[i + 1]
+            slab, row = self.cache.get(slices[i].seq_id), 0
+            for s, e in it.ranges_of(0):
+                o, _lse = prefill_block(self.kernel, q[lo + s : lo + e], k[lo : lo + e], v[lo : lo + e])
+                out[lo + s : lo + e] = o
+                slab.write(layer, row, k[lo + s : lo + e], v[lo + s : lo + e])
+                row += e - s
+
+        def finish() -> None:
+            for rank, buf, work in recvs:
+                work.wait()
+                row = 0
+                for i, it in zip(self._pooled_idx, self._items):
+                    for s, e in it.ranges_of(rank):
+                        out[offs[i] + s : offs[i] + e] = buf[row : row + e - s]
+                        row += e - s
+
+        return finish
+
+    def _decode_layer(self, layer: int, q, k, v, out: torch.Tensor):
+        slices, offs, plane = self._batch.slices, self._offsets, self.plane
+        idx = [offs[i] for i in self._pooled_idx]  # one token each at decode
+        qp = q[idx].contiguous()  # (M, Hq, D)
+        self._guard(lambda: plane.broadcast(qp))
+        m, hq = qp.shape[0], qp.shape[1]
+        recvs = []
+        for rank in range(1, plane.world_size):
+            o = torch.empty_like(qp)
+            lse = torch.empty(hq, m, dtype=torch.float32, device=q.device)
+            w1 = self._guard(lambda r=rank, b=o: plane.irecv(b, r, TAG_OUT))
+            w2 = self._guard(lambda r=rank, b=lse: plane.irecv(b, r, TAG_LSE))
+            recvs.append((o, lse, w1, w2))
+        base_o = torch.empty_like(qp)
+        base_lse = torch.empty(hq, m, dtype=torch.float32, device=q.device)
+        for j, i in enumerate(self._pooled_idx):
+            slab, t = self.cache.get(slices[i].seq_id), offs[i]
+            slab.write(layer, slab.length, k[t : t + 1], v[t : t + 1])
+            n = slab.length + 1
+            o, lse = decode_partial(self.kernel, qp[j : j + 1], slab.keys(layer, n), slab.values(layer, n))
+            base_o[j : j + 1], base_lse[:, j : j + 1] = o, lse
+
+        def finish() -> None:
+            parts = [(base_o, base_lse)]
+            for o, lse, w1, w2 in recvs:
+                w1.wait()
+                w2.wait()
+                parts.append((o, lse))
+            merged, _ = merge_tree(parts)
+            out[idx] = merged
+
+        return finish
+
+    def end_step(self) -> None:
+        assert self._batch is not None
+        for i, s in enumerate(self._batch.slices):
+            slab = self.cache.get(s.seq_id)
+            if s.seq_id not in self.pooled:
+                slab.length = s.end
+            elif self._batch.kind == "prefill":
+                slab.length = sum(e - s_ for s_, e in self._items[self._pooled_idx.index(i)].ranges_of(0))
+            else:
+                slab.length += 1
+        self._batch = None
+
+    def _guard(self, fn):
+        try:
+            return fn()
+        except PoolFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
+            raise PoolFailure(f"data plane failed: {e}") from e

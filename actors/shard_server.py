@@ -1,0 +1,97 @@
+"""A pool member's side of one base's data-plane group: holds KV shards, computes attention.
+
+Runs in its own thread per (base, epoch) inside an `AttentionPoolActor`; shards live in the
+member's `KVCache` under "base_id:handle", so they outlive the group that created them.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from actors.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_LSE, TAG_OUT, decode_prefill
+from actors.transport import DataPlane
+from fapool.attention import AttentionKernel, decode_partial, prefill_block
+from fapool.config import ModelConfig
+from fapool.kvcache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class ShardServer:
+    def __init__(
+        self, base_id: int, plane: DataPlane, cache: KVCache, kernel: AttentionKernel, cfg: ModelConfig
+    ) -> None:
+        self.base_id = base_id
+        self.plane = plane
+        self.cache = cache
+        self.kernel = kernel
+        self.cfg = cfg
+        self.steps = 0
+
+    def key(self, handle: int) -> str:
+        return f"{self.base_id}:{handle}"
+
+    def serve(self) -> None:
+        """Answer the base's ops until it retires the group (STOP) or the group breaks."""
+        while True:
+            op, body = self.plane.recv_header()
+            if op == OP_STOP:
+                return
+            if op == OP_PREFILL:
+                self._prefill(body)
+            elif op == OP_DECODE:
+                self._decode(body)
+            elif op == OP_FREE:
+                for handle in body:
+                    self.cache.free(self.key(handle))
+            else:
+                raise RuntimeError(f"unknown data-plane op {op}")
+            self.steps += 1
+
+    def _prefill(self, body: list[int]) -> None:
+        cfg, rank = self.cfg, self.plane.rank
+        items = decode_prefill(body)
+        total = sum(it.num_tokens for it in items)
+        mine = [(it, it.ranges_of(rank)) for it in items]
+        for it, ranges in mine:
+            rows = sum(e - s for s, e in ranges)
+            if rows:
+                self.cache.free(self.key(it.handle))  # a recomputed sequence replaces its shard
+                self.cache.allocate(self.key(it.handle), rows).length = rows
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = torch.empty(total, hq + 2 * hkv, cfg.head_dim, dtype=self.cache.dtype, device=self.cache.device)
+        for layer in range(cfg.num_hidden_layers):
+            self.plane.broadcast(qkv)  # (T, Hq + 2 Hkv, D)
+            outs, start = [], 0
+            for it, ranges in mine:
+                q, k, v = qkv[start : start + it.num_tokens].split([hq, hkv, hkv], dim=1)
+                start += it.num_tokens
+                row = 0
+                for s, e in ranges:
+                    o, _lse = prefill_block(self.kernel, q[s:e], k[:e], v[:e])
+                    outs.append(o)
+                    self.cache.get(self.key(it.handle)).write(layer, row, k[s:e], v[s:e])
+                    row += e - s
+            if outs:
+                self.plane.send(torch.cat(outs).contiguous(), 0, TAG_OUT)
+
+    def _decode(self, body: list[int]) -> None:
+        cfg = self.cfg
+        handles = body
+        m, hq, d = len(handles), cfg.num_attention_heads, cfg.head_dim
+        q = torch.empty(m, hq, d, dtype=self.cache.dtype, device=self.cache.device)
+        slabs = [self.cache.get(self.key(h)) if self.key(h) in self.cache else None for h in handles]
+        for layer in range(cfg.num_hidden_layers):
+            self.plane.broadcast(q)  # (M, Hq, D)
+            out = torch.zeros_like(q)
+            lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
+            for i, slab in enumerate(slabs):
+                if slab is not None:
+                    o, l = decode_partial(
+                        self.kernel, q[i : i + 1], slab.keys(layer, slab.length), slab.values(layer, slab.length)
+                    )
+                    out[i : i + 1] = o
+                    lse[:, i : i + 1] = l
+            self.plane.send(out, 0, TAG_OUT)
+            self.plane.send(lse, 0, TAG_LSE)

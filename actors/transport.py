@@ -1,0 +1,101 @@
+"""The data plane: a torch.distributed process group per (base, membership epoch).
+
+Gloo on CPU, NCCL on GPU. Each group is a standalone `ProcessGroup` on a fresh TCP store hosted
+by the base (rank 0), so a pool member can belong to several bases' groups at once and a base can
+re-form its group without touching any other base. Tensors never go through Ray on this path: a
+Ray call costs about 0.8 ms, a message here tens of microseconds on GPU.
+"""
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+HEADER_LEN = 4  # op, body length, and two spare fields
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class DataPlane:
+    """One process group; rank 0 is the base. Blocking helpers plus async receive for overlap."""
+
+    def __init__(self, pg: dist.ProcessGroup, rank: int, world_size: int, device: torch.device, store: dist.Store) -> None:
+        self.pg = pg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self._store = store  # the master store must outlive the group
+
+    @classmethod
+    def host_store(cls, host: str, timeout_s: float) -> dist.TCPStore:
+        """The base's side: a fresh store on a free port (read `.port`)."""
+        return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+
+    @classmethod
+    def connect(
+        cls,
+        store: dist.Store | None,
+        host: str,
+        port: int,
+        prefix: str,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        timeout_s: float,
+    ) -> "DataPlane":
+        """Join the group `prefix` of `world_size` ranks; blocks until every rank has joined."""
+        timeout = timedelta(seconds=timeout_s)
+        if store is None:
+            store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        scoped = dist.PrefixStore(prefix, store)
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg = dist.ProcessGroupNCCL(scoped, rank, world_size, opts)
+        else:
+            pg = dist.ProcessGroupGloo(scoped, rank, world_size, timeout)
+        return cls(pg, rank, world_size, device, store)
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([t], opts).wait()
+
+    def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
+        self.pg.send([t], dst, tag).wait()
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int = 0) -> dist.Work:
+        return self.pg.recv([t], src, tag)
+
+    def send_header(self, op: int, body: torch.Tensor) -> None:
+        """Rank 0: announce an op and its int64 body (its length first, so receivers can size it)."""
+        head = torch.tensor([op, body.numel(), 0, 0], dtype=torch.int64, device=self.device)
+        self.broadcast(head)
+        if body.numel():
+            self.broadcast(body.to(self.device))
+
+    def recv_header(self) -> tuple[int, list[int]]:
+        head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self.broadcast(head)
+        op, n = int(head[0]), int(head[1])
+        if n == 0:
+            return op, []
+        body = torch.empty(n, dtype=torch.int64, device=self.device)
+        self.broadcast(body)
+        return op, body.tolist()
+
+    def close(self) -> None:
+        # Shut the group down explicitly where the backend supports it; otherwise drop references.
+        shutdown = getattr(self.pg, "shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001 - a broken group may refuse a clean shutdown
+                pass
+        self.pg = None  # type: ignore[assignment]

@@ -1,0 +1,100 @@
+"""FlashAttention kernels from Dao-AILab's packages, imported lazily so CPU hosts never load them.
+
+Both take (B, T, H, D) fp16/bf16 tensors, handle GQA natively (query head h uses KV head
+h // (Hq // Hkv)) and align the causal mask bottom-right, which is our contract as is.
+
+- flash-attn-4, ``flash_attn.cute.interface.flash_attn_func(q, k, v, softmax_scale=None,
+  causal=False, ..., return_lse=False)`` returns ``(out, lse)`` with lse (B, H, Tq) float32
+  (``lse`` is None unless ``return_lse`` or a grad is needed). Hopper and Blackwell only.
+- flash-attn 2.x, ``flash_attn.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None,
+  causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+  return_attn_probs=False)`` returns ``(out, softmax_lse (B, H, Tq), S_dmask)`` when
+  ``return_attn_probs``; bottom-right causal since 2.1. Ampere and newer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fapool.attention.base import AttentionKernel, check_half, normalise_lse
+
+
+@lru_cache(maxsize=None)
+def _import_attr(module: str, attr: str) -> tuple[Callable[..., Any] | None, str | None]:
+    """(function, None) if ``module.attr`` imports, else (None, why not); cached because a
+    failing import of a CUDA package is slow and its answer does not change in a process."""
+    try:
+        return getattr(importlib.import_module(module), attr), None
+    except Exception as exc:  # noqa: BLE001 - broken installs raise anything, all mean "absent"
+        return None, f"cannot import {module}.{attr} ({type(exc).__name__}: {exc})"
+
+
+def _cuda_reason(device: torch.device, min_major: int) -> str | None:
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device}"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < min_major:
+        return f"needs compute capability >= {min_major}.0, the GPU has {major}.{minor}"
+    return None
+
+
+class FlashAttn4Kernel(AttentionKernel):
+    """flash-attn-4 (CuTe DSL): the fastest kernel on Hopper and Blackwell."""
+
+    name = "flash4"
+    module, function = "flash_attn.cute", "flash_attn_func"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        reason = _cuda_reason(device, min_major=9)
+        return reason or _import_attr(cls.module, cls.function)[1]
+
+    def _forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        check_half(self.name, q.dtype)
+        fn, why = _import_attr(self.module, self.function)
+        if fn is None:
+            raise ValueError(f"kernel 'flash4' is not installed: {why}; pip install flash-attn-4")
+        tq, hq, _ = q.shape
+        out, lse = fn(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+            softmax_scale=scale, causal=causal, return_lse=True,
+        )
+        if lse is None:
+            raise RuntimeError("flash_attn.cute.flash_attn_func returned no LSE (return_lse=True)")
+        return out[0], normalise_lse(lse, hq, tq)
+
+
+class FlashAttn2Kernel(AttentionKernel):
+    """flash-attn 2.x: the fast path on Ampere (A100)."""
+
+    name = "flash2"
+    module, function = "flash_attn", "flash_attn_func"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        reason = _cuda_reason(device, min_major=8)
+        return reason or _import_attr(cls.module, cls.function)[1]
+
+    def _forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        check_half(self.name, q.dtype)
+        fn, why = _import_attr(self.module, self.function)
+        if fn is None:
+            raise ValueError(f"kernel 'flash2' is not installed: {why}; pip install flash-attn")
+        tq, hq, _ = q.shape
+        out, lse, _ = fn(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+            dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True,
+        )
+        return out[0], normalise_lse(lse, hq, tq)

@@ -1,0 +1,158 @@
+"""`LLMEngine`: one device's model, scheduler and token loop, with continuous batching.
+
+    engine = LLMEngine(EngineConfig(model="tiny"))
+    [c] = engine.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0))
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from fapool.attention import select_kernel
+from fapool.config import EngineConfig
+from fapool.executor import AttentionExecutor, LocalAttention
+from fapool.kvcache import KVCache, capacity_from_memory
+from fapool.loader import LoadedModel, load_model
+from fapool.output import OutputProcessor
+from fapool.sampling import SamplingParams, make_generator, sample
+from fapool.scheduler import Scheduler
+from fapool.sequence import Completion, RequestOutput, Sequence
+
+ExecutorFactory = Callable[[LoadedModel, KVCache], AttentionExecutor]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        executor_factory: ExecutorFactory | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.seed)
+        cfg, dev = self.loaded.config, self.loaded.device
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev)
+        self.cache = KVCache(cfg, capacity, self.loaded.dtype, dev)
+        if executor_factory is None:
+            kernel = select_kernel(dev, config.attention_kernel, dtype=self.loaded.dtype)
+            self.executor: AttentionExecutor = LocalAttention(self.cache, kernel)
+        else:
+            self.executor = executor_factory(self.loaded, self.cache)
+        self.scheduler = Scheduler(self.executor, config.max_num_seqs, config.max_prefill_tokens)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams = SamplingParams(),
+        *,
+        prompt_token_ids: Seq[int] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises `ValueError` for a request that could never run."""
+        ids = self.encode_prompt(prompt, prompt_token_ids)
+        self.check_fits(len(ids), params.max_tokens)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if self.scheduler.find(request_id) is not None:
+            raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
+        seq = Sequence(request_id, ids, params, make_generator(params.seed), time.monotonic())
+        self.scheduler.add(seq)
+        return request_id
+
+    def encode_prompt(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt (text) or prompt_token_ids")
+        ids = self.tokenizer.encode(prompt) if prompt is not None else list(prompt_token_ids)
+        vocab = self.loaded.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains {bad[0]!r}; token ids must be integers in [0, {vocab})")
+        return ids
+
+    def check_fits(self, num_prompt: int, max_tokens: int) -> None:
+        """Refuse at once a request that no amount of waiting would let run."""
+        total = num_prompt + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                f"model's context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens"
+            )
+        limit = self.executor.max_seq_tokens()
+        if total > limit:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the KV "
+                f"cache ({limit} tokens); shorten the prompt or lower max_tokens"
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        return self.outputs.abort(seq)
+
+    def recompute(self, request_ids: Seq[str]) -> None:
+        """Drop the KV of these running requests and prefill them again from their tokens so far
+        (what a base does when a pool member holding their KV is lost)."""
+        seqs = [s for s in (self.scheduler.find(r) for r in request_ids) if s is not None]
+        for seq in sorted(seqs, key=lambda s: s.arrival_s, reverse=True):
+            self.scheduler.preempt(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the token loop -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step; report what each request in it gained."""
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return []
+        batch, seqs = scheduled
+        dev = self.loaded.device
+        flat: list[int] = []
+        positions: list[int] = []
+        for seq, s in zip(seqs, batch.slices):
+            flat += seq.pending_ids()
+            positions += range(s.start, s.end)
+        input_ids = torch.tensor(flat, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        # A failure inside the step (a lost pool member) propagates before end_step: nothing of
+        # the step is committed, and the scheduler can run it again.
+        self.executor.begin_step(batch)
+        hidden = self.model(input_ids, pos, self.executor)
+        self.executor.end_step()
+        logits = self.model.logits(hidden[batch.last_token_indices()])
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.monotonic()
+        results = []
+        for seq, s, tok in zip(seqs, batch.slices, tokens):
+            seq.num_cached = s.end
+            out = self.outputs.append(seq, tok, now)
+            if out.finished:
+                self.scheduler.finish(seq)
+            results.append(out)
+        return results
+
+    def generate(
+        self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()
+    ) -> list[Completion]:
+        """Run prompts (texts or token-id lists) to completion, in order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        seqs = []
+        for p, sp in zip(prompts, plist):
+            text, ids = (p, None) if isinstance(p, str) else (None, p)
+            rid = self.add_request(text, sp, prompt_token_ids=ids)
+            seqs.append(self.scheduler.find(rid))
+        while self.has_unfinished():
+            self.step()
+        return [self.outputs.completion(s) for s in seqs]

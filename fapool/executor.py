@@ -1,0 +1,96 @@
+"""The attention seam between the model and where attention runs.
+
+The model calls `attend(layer, q, k, v)` for every layer; an executor stores the new K, V and
+returns the attention output. `LocalAttention` does both on the engine's own device; the pool's
+executor (in `actors/`) keeps short sequences local and fans long ones out to pool members.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from fapool.attention import AttentionKernel
+from fapool.batch import SeqSlice, StepBatch
+from fapool.kvcache import KVCache
+
+
+class AttentionExecutor(ABC):
+    """Owns the KV of running sequences and computes their attention.
+
+    Contract: `allocate` reserves room for a sequence's whole life before its prefill; `begin_step`
+    announces the batch whose tokens the following `attend` calls carry (flat, in batch order);
+    `end_step` closes it (the new tokens are then cached); `free` releases a finished sequence.
+    """
+
+    @abstractmethod
+    def max_seq_tokens(self) -> int:
+        """The longest sequence (prompt + max_tokens) this executor could ever hold."""
+
+    @abstractmethod
+    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
+        """Whether a sequence of `num_prompt` tokens to prefill, `num_tokens` in all, fits now."""
+
+    @abstractmethod
+    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None: ...
+
+    @abstractmethod
+    def free(self, seq_id: str) -> None: ...
+
+    @abstractmethod
+    def begin_step(self, batch: StepBatch) -> None: ...
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (N, Hq, D), k, v: (N, Hkv, D) for the step's tokens. Returns (N, Hq, D)."""
+
+    def end_step(self) -> None:
+        """Called after the last layer; the step's tokens are now cached."""
+
+
+class LocalAttention(AttentionExecutor):
+    """Attention on the engine's device over its own KV cache."""
+
+    def __init__(self, cache: KVCache, kernel: AttentionKernel) -> None:
+        self.cache = cache
+        self.kernel = kernel
+        self._batch: StepBatch | None = None
+        self._offsets: list[int] = []
+
+    def max_seq_tokens(self) -> int:
+        return self.cache.capacity_tokens
+
+    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
+        return self.cache.can_allocate(num_tokens)
+
+    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
+        self.cache.allocate(seq_id, num_tokens)
+
+    def free(self, seq_id: str) -> None:
+        self.cache.free(seq_id)
+
+    def begin_step(self, batch: StepBatch) -> None:
+        self._batch = batch
+        self._offsets = batch.offsets()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        assert self._batch is not None, "attend() outside begin_step/end_step"
+        out = torch.empty_like(q)
+        for s, lo, hi in zip(self._batch.slices, self._offsets, self._offsets[1:]):
+            out[lo:hi] = self.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
+        return out
+
+    def attend_slice(
+        self, layer: int, s: SeqSlice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Cache one sequence's new rows (at their positions) and attend over all its rows so far."""
+        slab = self.cache.get(s.seq_id)
+        slab.write(layer, s.start, k, v)
+        o, _lse = self.kernel.forward(q, slab.keys(layer, s.end), slab.values(layer, s.end), causal=True)
+        return o
+
+    def end_step(self) -> None:
+        assert self._batch is not None
+        for s in self._batch.slices:
+            self.cache.get(s.seq_id).length = s.end
+        self._batch = None

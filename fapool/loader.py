@@ -1,0 +1,68 @@
+"""Build a ready model from a preset name or a Hugging Face-format directory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fapool.config import PRESETS, ModelConfig
+from fapool.model import LlamaForCausalLM
+from fapool.tokenizer import Tokenizer, load_tokenizer
+from fapool.weights import load_model_config, load_weights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str | None, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    # CPUs run bf16/fp16 matmuls slowly and less exactly: float32 unless asked otherwise.
+    if name is None:
+        name = cfg.dtype if device.type == "cuda" else "float32"
+    return DTYPES[name]
+
+
+def load_model(source: str, device: str = "auto", dtype: str | None = None, seed: int = 0) -> LoadedModel:
+    """`source` is "tiny", "paper" or a directory with config.json, *.safetensors, tokenizer.json."""
+    dev = resolve_device(device)
+    if source in PRESETS:
+        cfg = PRESETS[source]
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise ValueError(
+                f"model {source!r} is neither a preset ({', '.join(PRESETS)}) nor a directory; "
+                "give a Hugging Face-format model directory"
+            )
+        cfg = load_model_config(path)
+    torch_dtype = resolve_dtype(dtype, cfg, dev)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=dev).to(torch_dtype)
+    model.model.rotary.reset(dev)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if source in PRESETS:
+        model.init_random(seed)
+    else:
+        load_weights(model, Path(source), cfg)
+    model.eval()
+    return LoadedModel(cfg, model, load_tokenizer(source, cfg), dev, torch_dtype)
+

@@ -1,0 +1,3 @@
+from fapool.model.llama import LlamaForCausalLM
+
+__all__ = ["LlamaForCausalLM"]

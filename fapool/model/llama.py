@@ -1,0 +1,109 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a flat batch of tokens.
+
+Parameter names are Hugging Face's so checkpoints load by name. Attention itself is not computed
+here: each layer hands its q, k, v to an `AttentionExecutor`, the seam where the engine keeps
+attention local or sends it to the pool.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fapool.config import ModelConfig
+from fapool.model.layers import MLP, RMSNorm, Rotary
+
+if TYPE_CHECKING:
+    from fapool.executor import AttentionExecutor
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attn: AttentionExecutor
+    ) -> torch.Tensor:
+        n = x.shape[0]  # x: (N, hidden)
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = rotary(q, k, positions)
+        o = attn.attend(self.layer_idx, q, k, v)  # (N, Hq, D)
+        return self.o_proj(o.reshape(n, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attn: AttentionExecutor
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Hugging Face's `model.*` submodule: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionExecutor
+    ) -> torch.Tensor:
+        """input_ids, positions: (N,) for all sequences of the step, concatenated. Returns (N, hidden)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, self.model.rotary, attn)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, hidden) -> (M, vocab) float32."""
+        return self.lm_head(hidden).float()
+
+    def init_random(self, seed: int, std: float = 0.02) -> None:
+        """Deterministic random weights (the `tiny` and `paper` presets have no checkpoint)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    # Generate on CPU in chunks so the same seed gives the same weights on any device.
+                    p.copy_(torch.randn(p.shape, generator=gen).mul_(std).to(p.dtype))

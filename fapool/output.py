@@ -1,0 +1,66 @@
+"""Turns sampled tokens into text and decides when a request stops."""
+from __future__ import annotations
+
+from fapool.sequence import Completion, RequestOutput, Sequence
+from fapool.tokenizer import Tokenizer
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+
+    def append(self, seq: Sequence, token: int, now_s: float) -> RequestOutput:
+        """Add one sampled token to `seq`; report the new text and whether the request is done."""
+        seq.output_ids.append(token)
+        if seq.first_token_s is None:
+            seq.first_token_s = now_s
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            seq.finish_reason = "stop"
+        seq.text = self.tokenizer.decode(seq.output_ids)
+        for stop in p.stop:
+            cut = seq.text.find(stop)
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and len(seq.output_ids) >= p.max_tokens:
+            seq.finish_reason = "length"
+        return self._report(seq, (token,))
+
+    def abort(self, seq: Sequence, reason: str = "abort", error: str | None = None) -> RequestOutput:
+        seq.finish_reason = reason
+        return self._report(seq, (), error)
+
+    def _report(self, seq: Sequence, new_ids: tuple[int, ...], error: str | None = None) -> RequestOutput:
+        finished = seq.finish_reason is not None
+        visible = len(seq.text)
+        if not finished:
+            # Hold back an incomplete UTF-8 character and a possible start of a stop string.
+            visible = len(seq.text.rstrip("\ufffd"))
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            visible = max(seq.sent_text_len, visible - hold)
+        delta = seq.text[seq.sent_text_len : visible]
+        seq.sent_text_len = visible
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            text_delta=delta,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            error=error,
+        )
+
+    @staticmethod
+    def completion(seq: Sequence) -> Completion:
+        assert seq.finish_reason is not None, "completion() of an unfinished sequence"
+        return Completion(
+            request_id=seq.request_id,
+            text=seq.text,
+            token_ids=tuple(seq.output_ids),
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+        )

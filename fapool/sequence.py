@@ -1,0 +1,72 @@
+"""A request's state inside the engine, and what the engine reports back after each step."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from fapool.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Mutable engine-side state of one request. Only the engine thread touches it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    arrival_s: float
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_cached: int = 0  # tokens whose K, V are stored
+    text: str = ""  # decoded output, cut at a stop string
+    sent_text_len: int = 0  # characters already reported
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens this sequence may ever hold: what its KV reservation covers."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def pending_ids(self) -> list[int]:
+        """Tokens not yet in the KV cache: the prompt at prefill, the last sampled token at decode."""
+        return (self.prompt_ids + self.output_ids)[self.num_cached :]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One step's news about a request: new tokens and text, and whether it has finished."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole request's result, as `LLMEngine.generate` returns it."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
