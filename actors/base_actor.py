@@ -75,7 +75,8 @@ class BaseActor:
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         rid = req.request_id
         if rid in self._streams:
-            yield TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight")
+            yield TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
+                             error_type="invalid_request")
             return
         self._streams[rid] = (loop, events)
         finished = False
@@ -139,9 +140,9 @@ class BaseActor:
                     log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
                     self._recover(str(e))
                     continue
-                except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                     log.exception("base %d: step failed", self.base_id)
-                    self._fail_running(f"internal error: {e}")
+                    self._fail_all(f"internal error: {e}")
                     continue
                 for out in outputs:
                     self._emit(out)
@@ -199,13 +200,14 @@ class BaseActor:
 
     def _add(self, req: GenerateRequest) -> None:
         if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
-            self._emit_event(TokenEvent(req.request_id, (), "", "error", error="overloaded: the queue is full"))
+            self._emit_event(TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
+                                        error_type="overloaded"))
             return
         try:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._emit_event(TokenEvent(req.request_id, (), "", "error", error=str(e)))
+            self._emit_event(TokenEvent(req.request_id, (), "", "error", error=str(e), error_type="invalid_request"))
 
     def _switch_epoch(self, epoch: int) -> list[str]:
         assert self._pending_epoch is not None and self._pending_epoch[0].epoch == epoch
@@ -233,8 +235,9 @@ class BaseActor:
         self.engine.recompute(ids)
         self._report(force=True, failed=True)
 
-    def _fail_running(self, message: str) -> None:
-        for seq in list(self.engine.scheduler.running):
+    def _fail_all(self, message: str) -> None:
+        sched = self.engine.scheduler
+        for seq in [*sched.running, *sched.waiting]:
             out = self.engine.abort(seq.request_id)
             if out is not None:
                 self._emit(out, error=message)
@@ -243,7 +246,7 @@ class BaseActor:
         self._emit_event(TokenEvent(
             out.request_id, out.new_token_ids, out.text_delta,
             ("error" if error else out.finish_reason) if out.finished else None,
-            out.prompt_tokens, out.completion_tokens, error or out.error,
+            out.prompt_tokens, out.completion_tokens, error or out.error, "internal" if error else None,
         ))
 
     def _emit_event(self, ev: TokenEvent) -> None:

@@ -25,6 +25,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_type: str | None = None  # "invalid_request", "overloaded" or "internal"
 
 
 @dataclass(frozen=True)

@@ -1,185 +1,78 @@
-"""PyTorch's fused CUDA attention ops, cuDNN first, behind the kernel seam.
+"""The 'sdpa' kernel: PyTorch's fused CUDA attention ops behind the kernel seam.
 
-The private ``aten._scaled_dot_product_*_attention`` ops are used rather than
-``F.scaled_dot_product_attention`` because only they return the log-sum-exp, which the pool
-needs to merge partial results. Their schemas (torch 2.13, ``torch.ops.aten.<op>.default._schema``):
-
-- ``_scaled_dot_product_cudnn_attention(query, key, value, attn_bias, compute_log_sumexp,
-  dropout_p=0., is_causal=False, return_debug_mask=False, *, scale=None)``
-  -> (output, logsumexp (B, H, Tq, 1), cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, ...)
-- ``_scaled_dot_product_flash_attention(query, key, value, dropout_p=0., is_causal=False,
-  return_debug_mask=False, *, scale=None)`` -> (output, logsumexp (B, H, Tq), ...); fp16/bf16 only
-- ``_scaled_dot_product_efficient_attention(query, key, value, attn_bias, compute_log_sumexp,
-  dropout_p=0., is_causal=False, *, scale=None)`` -> (output, logsumexp (B, H, ceil32(Tq)), ...);
-  takes float32 too
-
-All take (B, H, T, D), return a natural-log LSE, and align ``is_causal`` TOP-LEFT; the kernel
-therefore only asks them for causal attention on square problems (see ``causal_by_diagonal``).
+Which op is fastest depends on the shape of the work (measured on H200, bf16, D=128, Hq=32,
+Hkv=8): cuDNN leads on prefill (~590 TFLOP/s causal at 16K) but runs one decode token on only
+Hkv thread blocks (0.35 TB/s over 64K keys), while PyTorch's flash op splits long KV itself
+(3.2 TB/s at 64K, 4.1 at 512K). So decode-shaped work (few query rows over long KV) tries the
+flash op first and everything else tries cuDNN first; the memory-efficient op is the fallback
+and the only one that takes float32.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fapool.attention.base import HALF_DTYPES, AttentionKernel, normalise_lse
-from fapool.attention.merge import causal_by_diagonal, merge
+from fapool.attention.base import AttentionKernel
+from fapool.attention.merge import causal_by_diagonal
+from fapool.attention.sdpa_ops import (
+    FusedOpSpec,
+    cudnn_op,
+    efficient_op,
+    flash_op,
+    fused_attend,
+    kv_splits_for,
+)
 
 logger = logging.getLogger(__name__)
 
-# op(q, k, v, is_causal, scale) on (B, H, T, D) tensors -> (out (B, H, Tq, D), raw logsumexp).
-FusedOp = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
-
-
-def _refuse_unless_half(op_name: str, dtype: torch.dtype) -> None:
-    # Seen on H100, torch 2.11 + cuDNN 9.19: the cuDNN op ACCEPTS float32 and returns NaN, so
-    # the dtype is checked here instead of trusting the op to refuse.
-    if dtype not in HALF_DTYPES:
-        raise RuntimeError(f"{op_name} attention takes float16 or bfloat16, not {dtype}")
-
-
-def cudnn_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, ...]:
-    """cuDNN fused attention (fp16/bf16): the fastest measured for decode (ARCHITECTURE §2)."""
-    _refuse_unless_half("cuDNN", q.dtype)
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal, False, scale=scale
-    )
-    return res[0], res[1]
-
-
-def flash_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, ...]:
-    """PyTorch's bundled FlashAttention-2 op (fp16/bf16)."""
-    _refuse_unless_half("flash", q.dtype)
-    res = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, causal, False, scale=scale
-    )
-    return res[0], res[1]
-
-
-def efficient_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, ...]:
-    """Memory-efficient attention; the one fused op that also takes float32."""
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, None, True, 0.0, causal, scale=scale
-    )
-    return res[0], res[1]
-
-
-def cpu_flash_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, ...]:
-    """PyTorch's CPU flash op: same layout and top-left mask, so the CUDA path's logic runs in
-    CPU tests unchanged."""
-    res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=None, scale=scale
-    )
-    return res[0], res[1]
-
-
-CUDA_OPS: tuple[tuple[str, FusedOp], ...] = (
-    ("cudnn", cudnn_op),
-    ("flash", flash_op),
-    ("efficient", efficient_op),
+CUDA_OPS = (
+    FusedOpSpec("cudnn", cudnn_op),
+    FusedOpSpec("flash", flash_op, splits_kv=True),
+    FusedOpSpec("efficient", efficient_op),
 )
-
-
-def kv_splits_for(tk: int, hkv: int, rows: int, min_split_keys: int, target_blocks: int) -> int:
-    """How many KV chunks to run side by side for ``rows`` unmasked query rows per KV head.
-
-    The fused ops parallelise over (batch, head, 128-row tiles) only, so one decode token over a
-    long KV cache runs on Hkv thread blocks and leaves most SMs idle (0.35 TB/s measured on
-    H100 for 64K keys, 8 KV heads). Splitting the keys into chunks along the batch dimension
-    and merging by LSE ("flash-decoding") fills the GPU.
-    """
-    blocks = hkv * -(-rows // 128)
-    return max(1, min(tk // min_split_keys, target_blocks // blocks))
-
-
-def _unmasked(
-    op: FusedOp, q4: Tensor, k: Tensor, v: Tensor, scale: float, splits: int
-) -> tuple[Tensor, Tensor]:
-    """Non-causal op call(s) for q4 (1, Hkv, R, D) against k, v (Tk, Hkv, D), KV cut into
-    ``splits`` batch entries. Returns out (1, Hkv, R, D) in q4's dtype, lse (Hkv, R) float32."""
-    _, hkv, rows, d = q4.shape
-    tk = k.shape[0]
-    if splits <= 1:
-        out4, lse_raw = op(q4, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                           False, scale)
-        return out4, normalise_lse(lse_raw, hkv, rows)
-    length = tk // splits
-    main = length * splits
-    k_c = k[:main].unflatten(0, (splits, length)).transpose(1, 2)  # (C, Hkv, L, D), a view
-    v_c = v[:main].unflatten(0, (splits, length)).transpose(1, 2)
-    q_c = q4.expand(splits, -1, -1, -1).contiguous()  # (C, Hkv, R, D); small next to K, V
-    out_c, lse_raw = op(q_c, k_c, v_c, False, scale)  # (C, Hkv, R, D)
-    lse_c = normalise_lse(lse_raw, splits * hkv, rows).view(splits, hkv, rows)
-    lse = torch.logsumexp(lse_c, dim=0)  # (Hkv, R); every chunk has keys, so finite
-    weights = torch.exp(lse_c - lse).unsqueeze(-1)  # (C, Hkv, R, 1)
-    out = (weights * out_c.float()).sum(dim=0)  # (Hkv, R, D)
-    if main < tk:  # the remainder keys, fewer than one chunk
-        out_t, lse_t = _unmasked(op, q4, k[main:], v[main:], scale, 1)
-        merged, lse = merge(out.transpose(0, 1), lse, out_t[0].transpose(0, 1), lse_t)
-        out = merged.transpose(0, 1)
-    return out.to(q4.dtype).unsqueeze(0), lse
-
-
-def fused_attend(
-    op: FusedOp, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, splits: int = 1
-) -> tuple[Tensor, Tensor]:
-    """One fused-op call on our layout: q (Tq, Hq, D), k, v (Tk, Hkv, D) -> out (Tq, Hq, D),
-    lse (Hq, Tq). ``causal`` uses the op's top-left mask, so it requires Tq == Tk; ``splits``
-    cuts the keys of non-causal work into that many chunks run in parallel."""
-    tq, hq, d = q.shape
-    tk, hkv, _ = k.shape
-    group = hq // hkv
-    if not causal:
-        # Unmasked rows are independent, so each KV head's query group stacks into one longer
-        # query sequence: GQA without repeating K and V (decode reads the KV cache once).
-        q4 = q.reshape(tq, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * tq, d)
-        out4, lse = _unmasked(op, q4, k, v, scale, splits)  # (1, Hkv, G*Tq, D), (Hkv, G*Tq)
-        out = out4.reshape(hkv, group, tq, d).permute(2, 0, 1, 3).reshape(tq, hq, d)
-        return out.to(q.dtype), lse.reshape(hq, tq)
-    assert tq == tk, "top-left causal ops only agree with our mask on square problems"
-    k4 = k.transpose(0, 1).unsqueeze(0)  # (1, Hkv, Tk, D), a view
-    v4 = v.transpose(0, 1).unsqueeze(0)
-    if group > 1:
-        # A causal mask depends on the row index, so groups cannot be stacked; the square
-        # diagonal is compute-bound and small next to the prefix, so repeating it is cheap.
-        k4 = k4.repeat_interleave(group, dim=1)  # (1, Hq, Tk, D)
-        v4 = v4.repeat_interleave(group, dim=1)
-    q4 = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, Tq, D)
-    out4, lse_raw = op(q4, k4, v4, True, scale)
-    out = out4[0].transpose(0, 1)  # (Tq, Hq, D)
-    return out.to(q.dtype), normalise_lse(lse_raw, hq, tq)
+CUDA_DECODE_OPS = (CUDA_OPS[1], CUDA_OPS[0], CUDA_OPS[2])
 
 
 class SdpaCudnnKernel(AttentionKernel):
-    """PyTorch's fused CUDA attention: cuDNN, else the flash op, else the memory-efficient op.
+    """PyTorch's fused CUDA attention with an op fallback chain.
 
-    The first op that accepts a (dtype, head dim, causal) combination is remembered, so a
-    refusal (cuDNN and flash refuse float32, for instance) costs one failed call, not one per
-    step. Unmasked work over at least ``2 * min_split_keys`` keys is split into KV chunks so
-    about ``target_blocks`` thread blocks run (twice the 132 SMs of an H100 or H200); see
-    :func:`kv_splits_for`. ``ops`` replaces the op chain; tests pass
-    ``[("cpu", cpu_flash_op)]`` to run this class's layout, GQA, split and causal logic on CPU.
+    ``ops`` is the chain for most work and ``decode_ops`` the chain for decode-shaped work:
+    unmasked attention whose rows would launch fewer than ``target_blocks`` thread blocks over
+    at least ``2 * min_split_keys`` keys. For ops that do not split KV themselves such work is
+    cut into KV chunks run in parallel and merged by LSE (:func:`kv_splits_for`).
+
+    The first op that accepts a (dtype, head dim, causal, decode-shaped) combination is
+    remembered, so a refusal (cuDNN and flash refuse float32) costs one failed call, not one
+    per step. Tests pass CPU ops (``sdpa_ops.cpu_flash_op``) to run all of this logic on CPU.
     """
 
     name = "sdpa"
 
     def __init__(
-        self, ops: Sequence[tuple[str, FusedOp]] | None = None, *,
-        min_split_keys: int = 2048, target_blocks: int = 264,
+        self,
+        ops: Sequence[FusedOpSpec] | None = None,
+        decode_ops: Sequence[FusedOpSpec] | None = None,
+        *,
+        min_split_keys: int = 2048,
+        target_blocks: int = 264,  # two waves over the 132 SMs of an H100 or H200
     ) -> None:
         self.ops = tuple(ops) if ops is not None else CUDA_OPS
-        if not self.ops:
-            raise ValueError("SdpaCudnnKernel got ops=(); pass (name, op) pairs, or None for CUDA")
+        if decode_ops is None:
+            decode_ops = CUDA_DECODE_OPS if ops is None else self.ops
+        self.decode_ops = tuple(decode_ops)
+        if not self.ops or not self.decode_ops:
+            raise ValueError("SdpaCudnnKernel got an empty op chain; pass FusedOpSpecs or None")
         if min_split_keys < 1 or target_blocks < 1:
             raise ValueError(
                 f"min_split_keys={min_split_keys} and target_blocks={target_blocks} must be >= 1"
             )
         self.min_split_keys = min_split_keys
         self.target_blocks = target_blocks
-        self._first_accepting: dict[tuple[torch.dtype, int, bool], int] = {}
+        self._first_accepting: dict[tuple[torch.dtype, int, bool, bool], int] = {}
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
@@ -189,36 +82,43 @@ class SdpaCudnnKernel(AttentionKernel):
             return "torch.cuda.is_available() is False"
         return None
 
-    def op_for(self, dtype: torch.dtype, head_dim: int, causal: bool) -> str | None:
+    def op_for(
+        self, dtype: torch.dtype, head_dim: int, causal: bool, decode: bool = False
+    ) -> str | None:
         """Name of the op remembered for this combination, or None before the first call."""
-        index = self._first_accepting.get((dtype, head_dim, causal))
-        return None if index is None else self.ops[index][0]
+        index = self._first_accepting.get((dtype, head_dim, causal, decode))
+        chain = self.decode_ops if decode else self.ops
+        return None if index is None else chain[index].name
 
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     ) -> tuple[Tensor, Tensor]:
-        key = (q.dtype, q.shape[-1], causal)
-        start = self._first_accepting.get(key, 0)
         splits = 1
         if not causal:
             rows = q.shape[0] * (q.shape[1] // k.shape[1])  # query rows stacked per KV head
             splits = kv_splits_for(
                 k.shape[0], k.shape[1], rows, self.min_split_keys, self.target_blocks
             )
+        decode = splits > 1
+        chain = self.decode_ops if decode else self.ops
+        key = (q.dtype, q.shape[-1], causal, decode)
+        start = self._first_accepting.get(key, 0)
         refusals = []
-        for index in range(start, len(self.ops)):
-            op_name, op = self.ops[index]
+        for index in range(start, len(chain)):
+            spec = chain[index]
             try:
-                result = fused_attend(op, q, k, v, causal, scale, splits)
+                result = fused_attend(
+                    spec.fn, q, k, v, causal, scale, 1 if spec.splits_kv else splits
+                )
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:  # the op refused these inputs (dtype, head dim, build)
                 first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                refusals.append(f"{op_name}: {first_line}")
+                refusals.append(f"{spec.name}: {first_line}")
                 continue
-            if index != start or key not in self._first_accepting:
+            if key not in self._first_accepting or index != start:
                 if refusals:
-                    logger.info("sdpa uses %s for %s; refused: %s", op_name, key, refusals)
+                    logger.info("sdpa uses %s for %s; refused: %s", spec.name, key, refusals)
                 self._first_accepting[key] = index
             return result
         raise RuntimeError(

@@ -32,13 +32,13 @@ __all__ = [
     "split_prefill",
 ]
 
-MAX_PARTS = 32
+MAX_PARTS = 33  # 32 pool members plus the base, which computes a part of its own
 SCHEMES = ("zigzag", "contiguous")
 
 
 def _check_split(n: int, parts: int) -> None:
     if not 1 <= parts <= MAX_PARTS:
-        raise ValueError(f"parts={parts} is out of range; use 1..{MAX_PARTS} pool members")
+        raise ValueError(f"parts={parts} is out of range; use 1..{MAX_PARTS} (up to 32 pool members and the base)")
     if n < 0:
         raise ValueError(f"n={n} rows is negative; pass a length >= 0")
 

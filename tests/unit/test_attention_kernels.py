@@ -22,7 +22,13 @@ from fapool.attention import (
     select_kernel,
 )
 from fapool.attention.base import normalise_lse
-from fapool.attention.sdpa import cpu_flash_op, cudnn_op, flash_op, kv_splits_for
+from fapool.attention.sdpa_ops import (
+    FusedOpSpec,
+    cpu_flash_op,
+    cudnn_op,
+    flash_op,
+    kv_splits_for,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = (torch.float16, torch.bfloat16)
@@ -191,7 +197,7 @@ def test_causal_by_diagonal_makes_bottom_right_causal_from_top_left_calls(tq, tk
 
 
 def cpu_sdpa():
-    return SdpaCudnnKernel(ops=[("cpu", cpu_flash_op)])
+    return SdpaCudnnKernel(ops=[FusedOpSpec("cpu", cpu_flash_op)])
 
 
 @pytest.mark.parametrize("tq,tk,hq,hkv,causal", SHAPES)
@@ -209,9 +215,34 @@ def test_sdpa_kernel_split_kv_logic_matches_float64_attention(tq, tk, hq, hkv, c
         return cpu_flash_op(q4, k4, v4, causal, scale)
 
     q, k, v = rand_qkv(tq, tk, hq, hkv, seed=tq + 5 * tk, device="cpu")
-    check(SdpaCudnnKernel(ops=[("spy", spy)], min_split_keys=4, target_blocks=64), q, k, v, causal)
+    kernel = SdpaCudnnKernel(ops=[FusedOpSpec("spy", spy)], min_split_keys=4, target_blocks=64)
+    check(kernel, q, k, v, causal)
     if tk - tq >= 8 or (not causal and tk >= 8):  # enough unmasked keys for two chunks
         assert max(batches) > 1
+
+
+def test_decode_shaped_work_uses_the_decode_chain_and_self_splitting_ops_run_whole():
+    calls = []
+
+    def spy(label):
+        def op(q4, k4, v4, causal, scale):
+            calls.append((label, q4.shape[0], k4.shape[2]))
+            return cpu_flash_op(q4, k4, v4, causal, scale)
+        return op
+
+    kernel = SdpaCudnnKernel(
+        ops=[FusedOpSpec("prefill", spy("prefill"))],
+        decode_ops=[FusedOpSpec("decode", spy("decode"), splits_kv=True)],
+        min_split_keys=8, target_blocks=16,
+    )
+    q, k, v = rand_qkv(1, 40, 4, 2, d=16, seed=8, device="cpu")
+    check(kernel, q, k, v, causal=True)  # one row per head over 40 keys: decode-shaped
+    assert calls == [("decode", 1, 40)]  # the op splits KV itself, so it gets all keys at once
+    assert kernel.op_for(torch.float32, 16, False, decode=True) == "decode"
+    calls.clear()
+    q, k, v = rand_qkv(12, 12, 4, 2, d=16, seed=9, device="cpu")
+    check(kernel, q, k, v, causal=True)  # a square prefill: only the ordinary chain
+    assert {label for label, _, _ in calls} == {"prefill"}
 
 
 def test_kv_splits_fill_the_gpu_only_when_few_blocks_run():
@@ -237,7 +268,7 @@ def test_sdpa_kernel_only_asks_fused_ops_for_square_causal_work():
         return cpu_flash_op(q4, k4, v4, causal, scale)
 
     q, k, v = rand_qkv(6, 25, 8, 2, d=16, seed=6, device="cpu")
-    check(SdpaCudnnKernel(ops=[("spy", spy)]), q, k, v, causal=True)
+    check(SdpaCudnnKernel(ops=[FusedOpSpec("spy", spy)]), q, k, v, causal=True)
     causal_calls = [(qs, ks) for qs, ks, c in seen if c]
     assert causal_calls and all(qs[2] == ks[2] for qs, ks in causal_calls)
     # The unmasked prefix stacks each KV head's 4 query heads as rows: (1, Hkv, 4 * Tq, D).
@@ -253,7 +284,9 @@ def test_sdpa_kernel_falls_back_past_a_refusing_op_and_remembers():
         refusals.append(causal)
         raise RuntimeError("cuDNN refuses float32\nsecond line")
 
-    kernel = SdpaCudnnKernel(ops=[("refuses", refuses), ("cpu", cpu_flash_op)])
+    kernel = SdpaCudnnKernel(
+        ops=[FusedOpSpec("refuses", refuses), FusedOpSpec("cpu", cpu_flash_op)]
+    )
     q, k, v = rand_qkv(1, 17, 4, 2, d=16, seed=7, device="cpu")
     for _ in range(3):
         check(kernel, q, k, v, causal=True)
@@ -266,7 +299,7 @@ def test_sdpa_kernel_reports_every_refusal_when_no_op_accepts():
     def refuses(*args):
         raise RuntimeError("not on this build")
 
-    kernel = SdpaCudnnKernel(ops=[("a", refuses), ("b", refuses)])
+    kernel = SdpaCudnnKernel(ops=[FusedOpSpec("a", refuses), FusedOpSpec("b", refuses)])
     q, k, v = rand_qkv(1, 4, 2, 2, d=8, device="cpu")
     with pytest.raises(RuntimeError, match="a: not on this build; b: not on this build"):
         kernel.forward(q, k, v, causal=False)

@@ -133,7 +133,7 @@ def causal_work(ranges):
 @pytest.mark.parametrize("scheme", ["zigzag", "contiguous"])
 def test_query_blocks_are_disjoint_ordered_and_cover_all_rows(scheme):
     for n in list(range(0, 70)) + [257, 1000]:
-        for parts in range(1, 33):
+        for parts in range(1, 34):
             blocks = query_blocks(n, parts, scheme)
             assert len(blocks) == parts
             rows = [r for ranges in blocks for s, e in ranges for r in range(s, e)]
@@ -167,7 +167,7 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not():
 
 def test_kv_shards_are_contiguous_and_near_equal():
     for n in range(0, 80):
-        for parts in range(1, 33):
+        for parts in range(1, 34):
             shards = kv_shards(n, parts)
             assert len(shards) == parts and shards[0][0] == 0 and shards[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
@@ -175,7 +175,7 @@ def test_kv_shards_are_contiguous_and_near_equal():
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("parts", [0, 33, -1, 100])
+@pytest.mark.parametrize("parts", [0, 34, -1, 100])
 def test_bad_part_counts_are_rejected_with_the_value_and_range(parts):
     for call in (lambda: query_blocks(10, parts), lambda: kv_shards(10, parts)):
         with pytest.raises(ValueError, match=rf"parts={parts}.*1\.\.32"):
@@ -208,7 +208,7 @@ def test_split_prefill_equals_unsplit_for_every_part_count(scheme):
     expected = naive_attention(q, k, v, causal=True)
     unsplit = KERNEL.forward(q, k, v, causal=True)
     assert_matches(unsplit, expected)
-    for parts in range(1, 33):
+    for parts in range(1, 34):
         assert_matches(split_prefill(KERNEL, q, k, v, parts, scheme), expected)
 
 
@@ -242,7 +242,7 @@ def test_split_decode_of_one_token_equals_unsplit_for_every_part_count(hq, hkv):
     q, k, v = rand_qkv(1, 20, hq, hkv, seed=9)
     expected = naive_attention(q, k, v, causal=True)
     assert_matches(KERNEL.forward(q, k, v, causal=True), expected)
-    for parts in range(1, 33):  # parts > 20 leaves empty shards, which must merge as nothing
+    for parts in range(1, 34):  # parts > 20 leaves empty shards, which must merge as nothing
         assert_matches(split_decode(KERNEL, q, k, v, parts), expected)
 
 
