@@ -66,6 +66,9 @@ class PoolController:
     async def get_bases(self) -> list[Any]:
         return self.bases
 
+    async def get_base_info(self) -> list[dict[str, Any]]:
+        return self.base_info
+
     async def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -1,4 +1,5 @@
-"""One real local Ray cluster for all actor tests (CPU, logical GPUs declared)."""
+"""One real local Ray cluster for all actor tests (CPU, logical GPUs declared); it stops
+when the actor tests are done, before the serve tests start servers of their own."""
 import os
 import time
 
@@ -7,7 +8,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_session():
     import ray
 

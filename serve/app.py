@@ -1,0 +1,46 @@
+"""The Ray Serve application: a FastAPI ingress deployment in front of the FA Pool cluster.
+
+`serve run deploy/serve_config.yaml` and `fapool serve` both build it with `build_app(args)`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from serve.errors import install_handlers
+from serve.guard import Guard
+from serve.options import ServeOptions
+from serve.routes_generate import router as generate_router
+from serve.routes_openai import router as openai_router
+from serve.routes_ops import router as ops_router
+from serve.service import InferenceService, guard_settings, set_current
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="FA Pool", version="0.1.0")
+    app.add_middleware(Guard, settings=guard_settings)
+    install_handlers(app)
+    for router in (generate_router, openai_router, ops_router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()
+
+
+@serve.deployment(name="FAPoolIngress", num_replicas=1, max_ongoing_requests=2048,
+                  ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class FAPoolIngress:
+    def __init__(self, options: dict[str, Any]) -> None:
+        opts = ServeOptions(**options)
+        self.service = InferenceService(opts.cluster_config(), opts.limits())
+        set_current(self.service, opts.resolved_api_key())
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run`/`serve deploy`: `args` are the CLI flags in snake_case."""
+    opts = ServeOptions(**(args or {}))
+    return FAPoolIngress.bind(opts.model_dump())

@@ -1,0 +1,121 @@
+"""Prometheus metrics (the contract's `fapool_*` names) and the latency window behind `/pool`.
+
+Per-request histograms and token counters are recorded where the tokens stream through the
+ingress; pool and queue gauges are read from the controller's and bases' latest snapshot at scrape
+time, so `/metrics` covers every base actor and the controller.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from actors.messages import PoolStatus
+
+METRIC_NAMES = (
+    "fapool_pool_size",
+    "fapool_pool_target",
+    "fapool_pool_scale_events_total",
+    "fapool_requests_running",
+    "fapool_requests_waiting",
+    "fapool_prompt_tokens_total",
+    "fapool_generation_tokens_total",
+    "fapool_time_to_first_token_seconds",
+    "fapool_time_per_output_token_seconds",
+    "fapool_e2e_request_latency_seconds",
+    "fapool_request_context_tokens",
+)
+disable_created_metrics()  # the *_created series only clutter the exposition
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = tuple(2**k for k in range(4, 19))  # 16 .. 262144 tokens
+
+
+class Snapshot:
+    """The latest pool status and queue counts, as the collector and `/pool` see them."""
+
+    def __init__(self) -> None:
+        self.status: PoolStatus | None = None
+        self.running = 0
+        self.waiting = 0
+        self.scale_counts: dict[str, int] = {"up": 0, "down": 0}
+        self.time_s = 0.0
+
+
+class _PoolCollector:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._snapshot()
+        st = snap.status
+        yield GaugeMetricFamily("fapool_pool_size", "Pool actors alive", value=st.size if st else 0)
+        yield GaugeMetricFamily("fapool_pool_target", "Pool size the policy wants", value=st.target if st else 0)
+        events = CounterMetricFamily("fapool_pool_scale_events", "Pool scale events", labels=["direction"])
+        for direction in ("up", "down"):
+            events.add_metric([direction], snap.scale_counts.get(direction, 0))
+        yield events
+        yield GaugeMetricFamily("fapool_requests_running", "Requests in running batches", value=snap.running)
+        yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter("fapool_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("fapool_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("fapool_time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("fapool_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("fapool_e2e_request_latency_seconds", "Request latency, end to end",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.context = Histogram("fapool_request_context_tokens", "Prompt + generated tokens per request",
+                                 buckets=TOKEN_BUCKETS, registry=r)
+        r.register(_PoolCollector(snapshot))
+        self.window = LatencyWindow()
+
+    def observe_request(self, ttft_s: float | None, tpot_s: float | None, e2e_s: float,
+                        prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+        self.e2e.observe(e2e_s)
+        self.context.observe(prompt_tokens + completion_tokens)
+        self.window.add(ttft_s, tpot_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LatencyWindow:
+    """TTFT/TPOT of the requests that ended in the last `window_s` seconds, for the dashboard."""
+
+    def __init__(self, window_s: float = 60.0, max_items: int = 10000) -> None:
+        self.window_s = window_s
+        self._items: deque[tuple[float, float | None, float | None]] = deque(maxlen=max_items)
+
+    def add(self, ttft_s: float | None, tpot_s: float | None) -> None:
+        self._items.append((time.time(), ttft_s, tpot_s))
+
+    def summary(self) -> dict:
+        cutoff = time.time() - self.window_s
+        while self._items and self._items[0][0] < cutoff:
+            self._items.popleft()
+        ttft = sorted(x for _, x, _ in self._items if x is not None)
+        tpot = sorted(x for _, _, x in self._items if x is not None)
+        return {"window_s": self.window_s, "count": len(self._items),
+                "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot)}
+
+
+def _percentiles(xs: list[float]) -> dict[str, float | None]:
+    def pick(q: float) -> float | None:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}

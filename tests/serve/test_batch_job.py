@@ -1,0 +1,203 @@
+"""End to end: `ray job submit -- python -m serve.batch` on a real Ray head started by `ray start`.
+
+The head runs in its own process session with its own temp dir and ports, so it never touches a
+Ray instance other tests started. It is stopped by SIGTERM to `ray start --block`, not by
+`ray stop`, which would kill every Ray process on the machine.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from fapool import EngineConfig, LLMEngine, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+LONG_TEXT = "FA Pool spreads the attention of long contexts over a pool of actors. " * 2  # > 40 tokens
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def subprocess_env():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    return env
+
+
+def session_processes(head_pid, temp_dir):
+    """Pids of this head's processes: its process session (gcs, raylet, workers) or naming its temp dir."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if os.getsid(int(entry)) == head_pid or temp_dir in cmdline:
+                found.append((int(entry), cmdline[:120]))
+        except OSError:  # it exited meanwhile
+            pass
+    return found
+
+
+def alive_fapool_actors(dashboard):
+    res = subprocess.run([RAY, "list", "actors", "--address", dashboard, "--filter", "state=ALIVE", "--format", "json"],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = {"PoolController", "BaseActor", "AttentionPoolActor"}
+    return [a["class_name"] for a in json.loads(res.stdout) if a["class_name"] in names]
+
+
+def wait_http_ok(url, proc, log_path, timeout_s=90.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{Path(log_path).read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not up after {timeout_s}s:\n{Path(log_path).read_text()[-4000:]}")
+
+
+@pytest.fixture
+def ray_head():
+    # A short temp dir: Ray's Unix socket paths under it must stay below 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="fpb-", dir="/tmp")
+    gcs, dash, client, agent, agent_grpc, rt_agent, metrics, node_mgr, obj_mgr = free_ports(9)
+    log_path = os.path.join(temp_dir, "ray_start.log")
+    cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
+           f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+           "--min-worker-port=0", "--max-worker-port=0"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{dash}/api/jobs/", proc, log_path)
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs_port": gcs, "temp_dir": temp_dir}
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` kills the processes it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        deadline = time.monotonic() + 20
+        while (left := session_processes(proc.pid, temp_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid, _ in left:  # don't leak them even when the assertion below fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"Ray processes outlived the head: {left}"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", gcs)) != 0, "the GCS port still answers"
+
+
+def test_batch_job_matches_local_engine(ray_head):
+    temp_dir = Path(ray_head["temp_dir"])
+    long_ids = torch.randint(3, 300, (70,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = LLMEngine(EngineConfig(model="tiny", device="cpu"))
+    probe = ref.generate(["stop here"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    stop = probe.text[5:7]
+    assert stop and "\ufffd" not in stop, probe.text  # the tiny model's output should hold a plain pair
+
+    good = [  # (line, the SamplingParams the line stands for)
+        ({"id": "short", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True},
+         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)),
+        ({"id": "long-text", "prompt": LONG_TEXT, "max_tokens": 12, "ignore_eos": True},
+         SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)),
+        ({"id": "long-ids", "prompt_token_ids": long_ids, "max_tokens": 20, "ignore_eos": True},
+         SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)),
+        ({"prompt": "no id, defaults"}, SamplingParams(max_tokens=64, temperature=0)),
+        ({"id": "seeded", "prompt": "seeded", "temperature": 0.8, "top_k": 50, "seed": 11, "max_tokens": 10,
+          "ignore_eos": True}, SamplingParams(max_tokens=10, temperature=0.8, top_k=50, seed=11, ignore_eos=True)),
+        ({"id": "stop", "prompt": "stop here", "max_tokens": 16, "stop": [stop], "ignore_eos": True},
+         SamplingParams(max_tokens=16, temperature=0, stop=(stop,), ignore_eos=True)),
+    ]
+    bad = [
+        "{not json",
+        json.dumps({"id": "no-prompt", "max_tokens": 4}),
+        json.dumps({"id": "neg-temp", "prompt": "x", "temperature": -1}),
+        json.dumps({"id": "top-p", "prompt": "x", "top_p": 0}),
+        json.dumps({"id": "vocab", "prompt_token_ids": [1, 2, 999]}),  # refused by the engine
+        json.dumps({"id": "typo", "prompt": "x", "max_token": 4}),
+    ]
+    lines = [json.dumps(g[0]) for g in good[:3]] + bad[:3] + [json.dumps(g[0]) for g in good[3:]] + bad[3:]
+    in_path, out_path = temp_dir / "in.jsonl", temp_dir / "out.jsonl"
+    in_path.write_text("\n".join(lines) + "\n")
+
+    cmd = [RAY, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({
+               "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"},
+               "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
+           "--", "python", "-m", "serve.batch", "--input", str(in_path), "--output", str(out_path),
+           "--max-pool", "2", "--pool-curve", "16:1,32:2", "--device", "cpu", "--concurrency", "4"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    job_s = time.monotonic() - t0
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-6000:]
+    summaries = [m.group(1) for m in re.finditer(r"SUMMARY (\{.*\})", log)]
+    assert len(summaries) == 1, log[-6000:]
+    summary = json.loads(summaries[0])
+
+    want = ref.generate([g[0].get("prompt", g[0].get("prompt_token_ids")) for g in good], [g[1] for g in good])
+    assert want[-1].finish_reason == "stop" and len(want[-1].token_ids) < 16  # the stop string fired
+    out = [json.loads(x) for x in out_path.read_text().splitlines()]
+    assert len(out) == len(lines)
+    got_good = out[:3] + out[6:9]
+    got_bad = out[3:6] + out[9:]
+    assert [o["id"] for o in got_good] == ["short", "long-text", "long-ids", 7, "seeded", "stop"]
+    assert [o["id"] for o in got_bad] == [4, "no-prompt", "neg-temp", "top-p", "vocab", "typo"]
+    for o, w in zip(got_good, want):
+        assert "error" not in o, o
+        assert o["token_ids"] == list(w.token_ids), o["id"]
+        assert (o["text"], o["finish_reason"]) == (w.text, w.finish_reason), o["id"]
+        assert o["usage"] == {"prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens}
+    for o, (line, params) in zip(got_good, good):
+        if params.ignore_eos and not params.stop:
+            assert len(o["token_ids"]) == params.max_tokens
+    for o in got_bad:
+        assert o["error"]["type"] == "invalid_request_error" and o["error"]["message"], o
+    assert "max_token" in got_bad[-1]["error"]["message"] and "999" in got_bad[-2]["error"]["message"]
+
+    assert summary["requests"] == len(lines) and summary["ok"] == len(good) and summary["errors"] == len(bad)
+    assert summary["prompt_tokens"] == sum(w.prompt_tokens for w in want)
+    assert summary["completion_tokens"] == sum(w.completion_tokens for w in want)
+    assert summary["controller"] == "started" and summary["wall_s"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["pool"]["peak_size"] >= 1 and summary["pool"]["scale_ups"] >= 1, summary
+    deadline = time.monotonic() + 30  # the job shuts down the controller, bases and members it started
+    while (alive := alive_fapool_actors(ray_head["dashboard"])) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not alive
+    print(f"job {job_s:.1f}s, summary {summary}")

@@ -1,0 +1,98 @@
+"""The dashboard in a real headless Chromium against a real `fapool serve`.
+
+Needs Debian's `chromium` (apt-get install -y --no-install-recommends chromium) and the
+`playwright` Python package; never `playwright install`, the browser comes from apt.
+"""
+
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = os.environ.get("FAPOOL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+POLL_MS = 250  # well under the 2 s cooldown, so the page sees the pool before it shrinks
+WAIT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y --no-install-recommends chromium, "
+                    "or set FAPOOL_CHROMIUM to its path")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, fapool_server):
+    """A 1280x900 page that records console errors, page errors and every request URL."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.console_errors = []
+    page.request_urls = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(f"uncaught: {e}"))
+    page.on("request", lambda r: page.request_urls.append(r.url))
+    yield page
+    context.close()
+
+
+def chart_attr(page, name):
+    return page.get_attribute('[data-testid="pool-chart"]', name)
+
+
+def test_dashboard_follows_the_pool_growing(page, fapool_server):
+    base = fapool_server
+    page.goto(f"{base}/dashboard?interval_ms={POLL_MS}")
+    page.wait_for_function("window.__fapool && window.__fapool.samples.length >= 1", timeout=WAIT_MS)
+    # Idle pool: zero attention actors once earlier requests' cooldown has passed.
+    page.wait_for_function(
+        "document.querySelector('[data-testid=pool-chart]').dataset.lastSize === '0'", timeout=WAIT_MS)
+    assert page.text_content('[data-testid="pool-size"]') == "0"
+    assert page.get_attribute('[data-testid="status"]', "data-state") == "ok"
+
+    # A 70-token prompt passes the curve's 64-token threshold: the pool wants 3 actors.
+    result = {}
+
+    def generate():
+        body = {"prompt_token_ids": [5] * 70, "max_tokens": 8, "temperature": 0}
+        result["response"] = httpx.post(f"{base}/generate", json=body, timeout=WAIT_MS / 1000)
+
+    sender = threading.Thread(target=generate)
+    sender.start()
+    page.wait_for_function(
+        "Number(document.querySelector('[data-testid=pool-chart]').dataset.maxSize) >= 1", timeout=WAIT_MS)
+    page.wait_for_selector('[data-testid="events-table"] tbody tr[data-direction="up"]', timeout=WAIT_MS)
+    sender.join(timeout=WAIT_MS / 1000)
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    assert len(response.json()["token_ids"]) == 8
+
+    # The finished request shows up in the latency window, and the chart has drawn it.
+    page.wait_for_function(
+        "(window.__fapool.lastStatus.latency || {}).count >= 1", timeout=WAIT_MS)
+    state = page.evaluate("window.__fapool")
+    assert len(state["samples"]) >= 2
+    assert state["errors"] == 0
+    assert max(s["size"] for s in state["samples"]) >= 1
+    assert int(chart_attr(page, "data-max-size")) >= 1
+    up_row = page.text_content('[data-testid="events-table"] tbody tr[data-direction="up"]')
+    assert "→" in up_row and "up" in up_row
+    assert page.get_attribute('[data-testid="status"]', "data-state") == "ok"
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    assert page.console_errors == []
+    foreign = [u for u in page.request_urls if not u.startswith(base + "/") and not u.startswith("data:")]
+    assert foreign == [], f"the page reached outside the server: {foreign}"
