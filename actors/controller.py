@@ -163,25 +163,29 @@ class PoolController:
             new[mid] = cls.remote(mid, info["model_config"], info["dtype"], info["device_type"],
                                   self.cfg.member_kv_capacity_tokens, eng.attention_kernel, self.cfg.data_plane_timeout_s)
         results = await asyncio.gather(*(h.info.remote() for h in new.values()), return_exceptions=True)
-        before = len(self.members)
+        grown = dict(self.members)
         for (mid, h), res in zip(new.items(), results):
             if isinstance(res, Exception):
                 log.warning("pool member %d failed to start: %s", mid, res)
                 ray.kill(h)
             else:
-                self.members[mid] = Member(h, res)
-        if len(self.members) > before:
-            await self._form_epoch()
-            self._event(before, len(self.members), "up", reason)
+                grown[mid] = Member(h, res)
+        if len(grown) > len(self.members):
+            await self._change_membership(grown, "up", reason)
 
     async def _remove(self, ids: list[int], reason: str) -> None:
-        before = len(self.members)
-        gone = [self.members.pop(m) for m in ids]
-        self.draining -= set(ids)
-        await self._form_epoch()
+        gone = [self.members[m] for m in ids]
+        await self._change_membership({k: v for k, v in self.members.items() if k not in ids}, "down", reason)
         for m in gone:
             ray.kill(m.handle)
-        self._event(before, len(self.members), "down", reason)
+
+    async def _change_membership(self, members: dict[int, Member], direction: str, reason: str) -> None:
+        """Form the new epoch first; only then does the new size show (status, events, metrics)."""
+        draining = self.draining & set(members)
+        await self._form_epoch(members, draining)
+        before = len(self.members)
+        self.members, self.draining = members, draining
+        self._event(before, len(members), direction, reason)
 
     async def _heal(self) -> None:
         """Drop members that no longer answer; the policy replaces them on this tick."""
@@ -196,16 +200,16 @@ class PoolController:
         if dead:
             await self._remove(dead, f"member(s) {dead} died")
         elif any(r.pool_failed for r in self.reports.values()):
-            await self._form_epoch()  # a transient data-plane error: re-form the group
+            await self._form_epoch(self.members, self.draining)  # a transient error: re-form the group
 
-    async def _form_epoch(self) -> None:
-        """Build a new data-plane group for every base with the current members."""
+    async def _form_epoch(self, members: dict[int, Member], draining: set[int]) -> None:
+        """Build a new data-plane group for every base with these members."""
         self.epoch += 1
-        spec = EpochSpec(self.epoch, tuple(m.info for _, m in sorted(self.members.items())), frozenset(self.draining))
+        spec = EpochSpec(self.epoch, tuple(m.info for _, m in sorted(members.items())), frozenset(draining))
         addrs = await asyncio.gather(*(b.prepare_epoch.remote(spec) for b in self.bases))
         for base_id, (host, port) in enumerate(addrs):
             for rank, info in enumerate(spec.members, start=1):
-                self.members[info.member_id].handle.join.remote(
+                members[info.member_id].handle.join.remote(
                     JoinSpec(base_id, spec.epoch, host, port, rank, 1 + len(spec.members)))
         await asyncio.gather(*(b.commit_epoch.remote(spec.epoch) for b in self.bases))
         self.reports = {k: BaseReport(r.base_id, spec.epoch, r.contexts, r.seqs_per_member, False)

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
-
-pytestmark = pytest.mark.slow
+from serve.batch import BatchRequest, main, parse_line
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -55,7 +54,7 @@ def session_processes(head_pid, temp_dir):
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if os.getsid(int(entry)) == head_pid or temp_dir in cmdline:
-                found.append((int(entry), cmdline[:120]))
+                found.append((int(entry), cmdline[:200]))
         except OSError:  # it exited meanwhile
             pass
     return found
@@ -65,8 +64,32 @@ def alive_fapool_actors(dashboard):
     res = subprocess.run([RAY, "list", "actors", "--address", dashboard, "--filter", "state=ALIVE", "--format", "json"],
                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
+    text = res.stdout.strip()
+    if not text.startswith("["):
+        assert text.startswith("No resource"), text  # what `ray list` prints for an empty list
+        return []
     names = {"PoolController", "BaseActor", "AttentionPoolActor"}
-    return [a["class_name"] for a in json.loads(res.stdout) if a["class_name"] in names]
+    return [a["class_name"] for a in json.loads(text) if a["class_name"] in names]
+
+
+def submit(head, lines, *flags):
+    """Run one batch job through `ray job submit`; returns (summary, output records, seconds)."""
+    in_path = Path(tempfile.mkstemp(suffix=".jsonl", dir=head["temp_dir"])[1])
+    out_path = in_path.with_suffix(".out.jsonl")
+    in_path.write_text("\n".join(lines) + "\n")
+    cmd = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({
+               "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"},
+               "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
+           "--", "python", "-m", "serve.batch", "--input", str(in_path), "--output", str(out_path), *flags]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-6000:]
+    summaries = re.findall(r"SUMMARY (\{.*\})", log)
+    assert len(summaries) == 1, log[-6000:]
+    records = [json.loads(x) for x in out_path.read_text().splitlines()]
+    return json.loads(summaries[0]), records, time.monotonic() - t0
 
 
 def wait_http_ok(url, proc, log_path, timeout_s=90.0):
@@ -84,7 +107,7 @@ def wait_http_ok(url, proc, log_path, timeout_s=90.0):
     pytest.fail(f"{url} not up after {timeout_s}s:\n{Path(log_path).read_text()[-4000:]}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # A short temp dir: Ray's Unix socket paths under it must stay below 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="fpb-", dir="/tmp")
@@ -102,6 +125,12 @@ def ray_head():
                                 start_new_session=True)
     try:
         wait_http_ok(f"http://127.0.0.1:{dash}/api/jobs/", proc, log_path)
+        # The teardown check must see the head's processes: make sure it sees them now.
+        deadline = time.monotonic() + 30
+        while not ("gcs_server" in (seen := " ".join(c for _, c in session_processes(proc.pid, temp_dir)))
+                   and "raylet" in seen) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "gcs_server" in seen and "raylet" in seen, seen
         yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs_port": gcs, "temp_dir": temp_dir}
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` kills the processes it started
@@ -123,15 +152,62 @@ def ray_head():
             assert s.connect_ex(("127.0.0.1", gcs)) != 0, "the GCS port still answers"
 
 
-def test_batch_job_matches_local_engine(ray_head):
-    temp_dir = Path(ray_head["temp_dir"])
-    long_ids = torch.randint(3, 300, (70,), generator=torch.Generator().manual_seed(5)).tolist()
-    ref = LLMEngine(EngineConfig(model="tiny", device="cpu"))
-    probe = ref.generate(["stop here"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    stop = probe.text[5:7]
-    assert stop and "\ufffd" not in stop, probe.text  # the tiny model's output should hold a plain pair
+# ---- the input format, without Ray ------------------------------------------------------------
+def test_parse_line_defaults_and_errors():
+    req = parse_line(0, 3, json.dumps({"prompt": "hi"}))
+    assert isinstance(req, BatchRequest) and req.id == 3  # the line number when no id is given
+    assert req.params == SamplingParams(max_tokens=64, temperature=0.0)
+    req = parse_line(1, 4, json.dumps({"id": "x", "prompt_token_ids": [1, 2], "stop": "ab", "ignore_eos": True}))
+    assert req.prompt_token_ids == [1, 2] and req.params.stop == ("ab",) and req.params.ignore_eos
+    cases = {
+        "{bad": "not valid JSON",
+        "[1, 2]": "valid dictionary",
+        '{"id": "a"}': "exactly one of prompt",
+        '{"prompt": "a", "prompt_token_ids": [1]}': "exactly one of prompt",
+        '{"prompt": "a", "max_tokens": 0}': "max_tokens=0",
+        '{"prompt": "a", "max_tokens": "4"}': "max_tokens",
+        '{"prompt": "a", "top_p": 0}': "top_p=0",
+        '{"prompt": "a", "prompt_token_ids": null, "temprature": 1}': "temprature",
+        '{"prompt_token_ids": [1, true]}': "prompt_token_ids",
+    }
+    for line, want in cases.items():
+        rec = parse_line(0, 9, line)
+        assert isinstance(rec, dict) and rec["error"]["type"] == "invalid_request_error", line
+        assert rec["error"]["message"].startswith("line 9: ") and want in rec["error"]["message"], rec
 
-    good = [  # (line, the SamplingParams the line stands for)
+
+def test_missing_input_exits_2(tmp_path, capsys):
+    assert main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+
+# ---- end to end through `ray job submit` -------------------------------------------------------
+def reference(requests):
+    """What the local engine gives for (line, SamplingParams) pairs."""
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu"))
+    prompts = [line.get("prompt", line.get("prompt_token_ids")) for line, _ in requests]
+    return engine.generate(prompts, [p for _, p in requests])
+
+
+def assert_matches(records, requests, want):
+    for o, (line, params), w in zip(records, requests, want):
+        assert "error" not in o, o
+        assert o["token_ids"] == list(w.token_ids), o["id"]
+        assert (o["text"], o["finish_reason"]) == (w.text, w.finish_reason), o["id"]
+        assert o["usage"] == {"prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens}
+        if params.ignore_eos and not params.stop:
+            assert len(o["token_ids"]) == params.max_tokens
+
+
+@pytest.mark.slow
+def test_batch_job_matches_local_engine(ray_head):
+    long_ids = torch.randint(3, 300, (70,), generator=torch.Generator().manual_seed(5)).tolist()
+    # A stop string the greedy output of "abc" holds: its first pair of printable characters.
+    probe = reference([({"prompt": "abc"}, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))])[0].text
+    stop = next((probe[i:i + 2] for i in range(len(probe) - 1)
+                 if probe[i:i + 2].isprintable() and "\ufffd" not in probe[i:i + 2]), None)
+    assert stop, repr(probe)
+    good = [  # (line, the SamplingParams it stands for)
         ({"id": "short", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True},
          SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)),
         ({"id": "long-text", "prompt": LONG_TEXT, "max_tokens": 12, "ignore_eos": True},
@@ -141,7 +217,7 @@ def test_batch_job_matches_local_engine(ray_head):
         ({"prompt": "no id, defaults"}, SamplingParams(max_tokens=64, temperature=0)),
         ({"id": "seeded", "prompt": "seeded", "temperature": 0.8, "top_k": 50, "seed": 11, "max_tokens": 10,
           "ignore_eos": True}, SamplingParams(max_tokens=10, temperature=0.8, top_k=50, seed=11, ignore_eos=True)),
-        ({"id": "stop", "prompt": "stop here", "max_tokens": 16, "stop": [stop], "ignore_eos": True},
+        ({"id": "stop", "prompt": "abc", "max_tokens": 16, "stop": [stop], "ignore_eos": True},
          SamplingParams(max_tokens=16, temperature=0, stop=(stop,), ignore_eos=True)),
     ]
     bad = [
@@ -149,44 +225,20 @@ def test_batch_job_matches_local_engine(ray_head):
         json.dumps({"id": "no-prompt", "max_tokens": 4}),
         json.dumps({"id": "neg-temp", "prompt": "x", "temperature": -1}),
         json.dumps({"id": "top-p", "prompt": "x", "top_p": 0}),
-        json.dumps({"id": "vocab", "prompt_token_ids": [1, 2, 999]}),  # refused by the engine
+        json.dumps({"id": "vocab", "prompt_token_ids": [1, 2, 999]}),  # refused by the engine, not the parser
         json.dumps({"id": "typo", "prompt": "x", "max_token": 4}),
     ]
     lines = [json.dumps(g[0]) for g in good[:3]] + bad[:3] + [json.dumps(g[0]) for g in good[3:]] + bad[3:]
-    in_path, out_path = temp_dir / "in.jsonl", temp_dir / "out.jsonl"
-    in_path.write_text("\n".join(lines) + "\n")
+    summary, out, job_s = submit(ray_head, lines, "--max-pool", "2", "--pool-curve", "16:1,32:2",
+                                 "--device", "cpu", "--concurrency", "4")
 
-    cmd = [RAY, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({
-               "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"},
-               "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
-           "--", "python", "-m", "serve.batch", "--input", str(in_path), "--output", str(out_path),
-           "--max-pool", "2", "--pool-curve", "16:1,32:2", "--device", "cpu", "--concurrency", "4"]
-    t0 = time.monotonic()
-    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    job_s = time.monotonic() - t0
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-6000:]
-    summaries = [m.group(1) for m in re.finditer(r"SUMMARY (\{.*\})", log)]
-    assert len(summaries) == 1, log[-6000:]
-    summary = json.loads(summaries[0])
-
-    want = ref.generate([g[0].get("prompt", g[0].get("prompt_token_ids")) for g in good], [g[1] for g in good])
+    want = reference(good)
     assert want[-1].finish_reason == "stop" and len(want[-1].token_ids) < 16  # the stop string fired
-    out = [json.loads(x) for x in out_path.read_text().splitlines()]
     assert len(out) == len(lines)
-    got_good = out[:3] + out[6:9]
-    got_bad = out[3:6] + out[9:]
+    got_good, got_bad = out[:3] + out[6:9], out[3:6] + out[9:]
     assert [o["id"] for o in got_good] == ["short", "long-text", "long-ids", 7, "seeded", "stop"]
     assert [o["id"] for o in got_bad] == [4, "no-prompt", "neg-temp", "top-p", "vocab", "typo"]
-    for o, w in zip(got_good, want):
-        assert "error" not in o, o
-        assert o["token_ids"] == list(w.token_ids), o["id"]
-        assert (o["text"], o["finish_reason"]) == (w.text, w.finish_reason), o["id"]
-        assert o["usage"] == {"prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens}
-    for o, (line, params) in zip(got_good, good):
-        if params.ignore_eos and not params.stop:
-            assert len(o["token_ids"]) == params.max_tokens
+    assert_matches(got_good, good, want)
     for o in got_bad:
         assert o["error"]["type"] == "invalid_request_error" and o["error"]["message"], o
     assert "max_token" in got_bad[-1]["error"]["message"] and "999" in got_bad[-2]["error"]["message"]
@@ -201,3 +253,23 @@ def test_batch_job_matches_local_engine(ray_head):
         time.sleep(1)
     assert not alive
     print(f"job {job_s:.1f}s, summary {summary}")
+
+
+@pytest.mark.slow
+def test_batch_job_joins_a_running_controller(ray_head):
+    requests = [
+        ({"id": "long", "prompt": LONG_TEXT, "max_tokens": 6, "ignore_eos": True},
+         SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)),
+        ({"id": "short", "prompt": "Hi", "max_tokens": 5, "ignore_eos": True},
+         SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
+    ]
+    lines = [json.dumps(line) for line, _ in requests]
+    want = reference(requests)
+    first, out1, _ = submit(ray_head, lines, "--device", "cpu", "--pool-curve", "16:1", "--keep-cluster")
+    assert first["controller"] == "started" and first["pool"]["peak_size"] == 1
+    second, out2, job_s = submit(ray_head, lines, "--device", "cpu", "--max-pool", "0")  # flags ignored
+    assert second["controller"] == "existing" and second["ok"] == 2
+    assert_matches(out1, requests, want)
+    assert_matches(out2, requests, want)
+    assert sorted(alive_fapool_actors(ray_head["dashboard"])) == ["AttentionPoolActor", "BaseActor", "PoolController"]
+    print(f"joining job {job_s:.1f}s, summary {second}")
