@@ -10,7 +10,6 @@ import fnmatch
 import functools
 import importlib
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -363,6 +362,19 @@ def test_dashboard_queries_only_exported_series():
 def test_dashboard_covers_every_contract_metric():
     covered = {series_to_metric(n) for e in dashboard_exprs() for n in re.findall(r"\bfapool_[a-z0-9_]+", e)}
     assert covered == set(CONTRACT_METRICS)
+
+
+def test_dashboard_series_are_in_the_apps_exposition():
+    """Every series the dashboard queries appears in what GET /metrics serves (scale label included)."""
+    from prometheus_client import generate_latest
+
+    from serve.metrics import Metrics, Snapshot
+
+    text = generate_latest(Metrics(Snapshot).registry).decode()
+    exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+    queried = {n for e in dashboard_exprs() for n in re.findall(r"\bfapool_[a-z0-9_]+", e)}
+    assert queried <= exposed, queried - exposed
+    assert 'fapool_pool_scale_events_total{direction="up"}' in text
 
 
 def test_dashboard_latency_quantiles():
