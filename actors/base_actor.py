@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator
 
@@ -18,7 +19,7 @@ import ray
 import torch
 
 from actors.config import CONTROLLER_NAME, NAMESPACE, ClusterConfig
-from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, TokenEvent
+from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
 from actors.protocol import OP_FREE
 from actors.pooled_attention import PooledAttention, PoolFailure
 from actors.transport import DataPlane
@@ -39,7 +40,7 @@ class BaseActor:
         def make_executor(loaded, cache):
             kernel = select_kernel(loaded.device, cfg.engine.attention_kernel, dtype=loaded.dtype)
             self.executor = PooledAttention(
-                loaded.config, cache, kernel, cfg.policy, cfg.num_base_actors, cfg.pool_wait_s
+                loaded.config, cache, kernel, cfg.policy, cfg.num_base_actors, cfg.pool_wait_s, cfg.profile
             )
             return self.executor
 
@@ -52,6 +53,7 @@ class BaseActor:
         self._controller = None
         self._last_report: tuple = ()
         self._last_report_s = 0.0
+        self._steps: deque[StepRecord] = deque(maxlen=20000)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"engine-b{base_id}")
         self._thread.start()
@@ -135,7 +137,7 @@ class BaseActor:
             self._drain_inbox(block=not self.engine.has_unfinished())
             if self.engine.has_unfinished():
                 try:
-                    outputs = self.engine.step()
+                    outputs = self._timed_step()
                 except PoolFailure as e:
                     log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
                     self._recover(str(e))
@@ -149,6 +151,28 @@ class BaseActor:
             self._report()
         if self.executor is not None:
             self.executor.retire_plane()
+
+    def _timed_step(self) -> list[RequestOutput]:
+        t_wall, t0 = time.time(), time.perf_counter()
+        outputs = self.engine.step()  # ends with sampled tokens on the host: the GPU work is done
+        wall = time.perf_counter() - t0
+        batch = self.engine.last_batch
+        if batch is not None:
+            ex = self.executor
+            contexts = [s.end for s in batch.slices]
+            self._steps.append(StepRecord(
+                t_wall, wall, batch.kind, len(batch.slices), batch.num_tokens,
+                ex.step_pooled, max(contexts, default=0),
+                tuple(sorted(ex.timer.collect().items())),
+            ))
+        return outputs
+
+    async def step_log(self, clear: bool = False) -> list[StepRecord]:
+        """The latest steps' timings (and phases, with profiling on)."""
+        log_ = list(self._steps)
+        if clear:
+            self._steps.clear()
+        return log_
 
     def _drain_inbox(self, block: bool) -> None:
         try:

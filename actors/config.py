@@ -25,6 +25,8 @@ class ClusterConfig:
     tick_s: float = 0.25  # how often the controller re-applies the policy
     max_events: int = 256  # scale events kept for /pool and the dashboard
     max_waiting_per_base: int = 256  # beyond this a base refuses new requests (HTTP 429)
+    standby_members: int = 0  # pool actors kept started but idle, so growth skips actor start-up
+    profile: bool = False  # time step phases (attention, waiting on the pool, merge) for benchmarks
 
     def __post_init__(self) -> None:
         if self.num_base_actors < 1:

@@ -38,6 +38,8 @@ class PoolController:
         self.bases: list[Any] = []
         self.base_info: list[dict[str, Any]] = []
         self.members: dict[int, Member] = {}
+        self.standby: dict[int, Member] = {}  # started, idle, in no epoch
+        self._standby_starting = 0
         self.draining: set[int] = set()
         self.epoch = 0
         self.state = PolicyState()
@@ -61,6 +63,7 @@ class PoolController:
         self.bases = [cls.remote(i, self.cfg) for i in range(self.cfg.num_base_actors)]
         self.base_info = list(await asyncio.gather(*(b.ready.remote() for b in self.bases)))
         self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._refill_standby()
         return self.base_info
 
     async def get_bases(self) -> list[Any]:
@@ -73,11 +76,12 @@ class PoolController:
         if self._task is not None:
             self._task.cancel()
         await asyncio.gather(*(b.shutdown.remote() for b in self.bases), return_exceptions=True)
-        for m in self.members.values():
+        for m in (*self.members.values(), *self.standby.values()):
             ray.kill(m.handle)
         for b in self.bases:
             ray.kill(b)
         self.members.clear()
+        self.standby.clear()
         self.bases = []
 
     # ---- inputs and outputs ---------------------------------------------------------------
@@ -92,6 +96,7 @@ class PoolController:
         return PoolStatus(
             size=len(self.members), target=self.state.target, epoch=self.epoch,
             members=tuple(sorted(self.members)), draining=tuple(sorted(self.draining)),
+            standby=len(self.standby),
             capacity=self._capacity(), longest_context=max(contexts, default=0), contexts=contexts,
             events=tuple(self.events),
         )
@@ -153,31 +158,59 @@ class PoolController:
 
     # ---- membership changes ---------------------------------------------------------------
     async def _add(self, n: int, reason: str) -> None:
+        # Warm standby members first: they only need to join the new epoch.
+        take = [self.standby.pop(mid) for mid in sorted(self.standby)[:n]]
+        grown = dict(self.members)
+        grown.update({m.info.member_id: m for m in take})
+        grown.update(await self._start_members(n - len(take)))
+        if len(grown) > len(self.members):
+            await self._change_membership(grown, "up", reason)
+        self._refill_standby()
+
+    async def _start_members(self, n: int) -> dict[int, Member]:
+        """Start `n` pool actors; those that fail to start are dropped (and logged)."""
+        if n <= 0:
+            return {}
         info = self.base_info[0]
         opts = self.cfg.actor_options(self._on_cuda())
         cls = ray.remote(AttentionPoolActor).options(**opts, max_concurrency=8)
-        eng = self.cfg.engine
         new = {}
         for _ in range(n):
             mid, self._next_id = self._next_id, self._next_id + 1
             new[mid] = cls.remote(mid, info["model_config"], info["dtype"], info["device_type"],
-                                  self.cfg.member_kv_capacity_tokens, eng.attention_kernel, self.cfg.data_plane_timeout_s)
+                                  self.cfg.member_kv_capacity_tokens, self.cfg.engine.attention_kernel,
+                                  self.cfg.data_plane_timeout_s, self.cfg.profile)
         results = await asyncio.gather(*(h.info.remote() for h in new.values()), return_exceptions=True)
-        grown = dict(self.members)
+        started = {}
         for (mid, h), res in zip(new.items(), results):
             if isinstance(res, Exception):
                 log.warning("pool member %d failed to start: %s", mid, res)
                 ray.kill(h)
             else:
-                grown[mid] = Member(h, res)
-        if len(grown) > len(self.members):
-            await self._change_membership(grown, "up", reason)
+                started[mid] = Member(h, res)
+        return started
+
+    def _refill_standby(self) -> None:
+        missing = self.cfg.standby_members - len(self.standby) - self._standby_starting
+        if missing > 0 and len(self.members) + len(self.standby) + missing <= self.cfg.policy.max_pool:
+            self._standby_starting += missing
+
+            async def fill() -> None:
+                try:
+                    self.standby.update(await self._start_members(missing))
+                finally:
+                    self._standby_starting -= missing
+
+            asyncio.get_running_loop().create_task(fill())
 
     async def _remove(self, ids: list[int], reason: str) -> None:
         gone = [self.members[m] for m in ids]
         await self._change_membership({k: v for k, v in self.members.items() if k not in ids}, "down", reason)
         for m in gone:
-            ray.kill(m.handle)
+            if len(self.standby) < self.cfg.standby_members and "died" not in reason:
+                self.standby[m.info.member_id] = m  # drained, healthy: keep it warm
+            else:
+                ray.kill(m.handle)
 
     async def _change_membership(self, members: dict[int, Member], direction: str, reason: str) -> None:
         """Form the new epoch first; only then does the new size show (status, events, metrics)."""
@@ -233,7 +266,7 @@ class PoolController:
         if per <= 0:
             return self.cfg.policy.max_pool
         free = ray.available_resources().get("GPU", 0.0)
-        return len(self.members) + int(free // per)
+        return len(self.members) + len(self.standby) + int(free // per)
 
     def _request_gpus(self, target: int) -> None:
         per = self.cfg.gpus_per_actor(self._on_cuda())

@@ -81,6 +81,20 @@ class BaseStats:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """One engine step as a base timed it (the benchmark reads these)."""
+
+    time_s: float  # wall clock at the step's start
+    wall_s: float  # the step, sampled tokens on the host included
+    kind: str  # "prefill" or "decode"
+    num_seqs: int
+    num_tokens: int
+    num_pooled: int
+    max_context: int
+    phases: tuple[tuple[str, float], ...] = ()  # seconds per phase, with profiling on
+
+
+@dataclass(frozen=True)
 class ScaleEvent:
     time_s: float  # wall clock (time.time())
     from_size: int
@@ -98,6 +112,7 @@ class PoolStatus:
     epoch: int
     members: tuple[int, ...]
     draining: tuple[int, ...]
+    standby: int  # started, idle members that a scale-up takes first
     capacity: int
     longest_context: int
     contexts: tuple[int, ...]

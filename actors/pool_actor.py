@@ -29,6 +29,7 @@ class AttentionPoolActor:
         kv_capacity_tokens: int | None,
         attention_kernel: str,
         timeout_s: float,
+        profile: bool = False,
     ) -> None:
         self.member_id = member_id
         self.cfg = model_cfg
@@ -40,6 +41,9 @@ class AttentionPoolActor:
         self.cache = KVCache(model_cfg, capacity, torch_dtype, self.device)
         self.kernel = select_kernel(self.device, attention_kernel, dtype=torch_dtype)
         self.timeout_s = timeout_s
+        self.profile = profile
+        self._phase_totals: dict[str, float] = {}
+        self._steps = 0
         self._servers: dict[tuple[int, int], ShardServer] = {}
         self._lock = threading.Lock()
 
@@ -58,7 +62,7 @@ class AttentionPoolActor:
                 None, spec.store_host, spec.store_port, f"epoch{spec.epoch}/", spec.rank,
                 spec.world_size, self.device, self.timeout_s,
             )
-            server = ShardServer(spec.base_id, plane, self.cache, self.kernel, self.cfg)
+            server = ShardServer(spec.base_id, plane, self.cache, self.kernel, self.cfg, self.profile)
             with self._lock:
                 self._servers[key] = server
             server.serve()
@@ -70,6 +74,10 @@ class AttentionPoolActor:
         finally:
             with self._lock:
                 self._servers.pop(key, None)
+                if server is not None:
+                    self._steps += server.steps
+                    for name, sec in server.phase_totals.items():
+                        self._phase_totals[name] = self._phase_totals.get(name, 0.0) + sec
 
     def drop_base(self, base_id: int) -> None:
         """Free every shard a (dead) base left here."""
@@ -78,12 +86,20 @@ class AttentionPoolActor:
             if seq_id.startswith(prefix):
                 self.cache.free(seq_id)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
+        """Counters, and with profiling the seconds spent per phase (attention) over all steps."""
         with self._lock:
             groups = len(self._servers)
+            steps = self._steps + sum(s.steps for s in self._servers.values())
+            phases = dict(self._phase_totals)
+            for s in self._servers.values():
+                for name, sec in s.phase_totals.items():
+                    phases[name] = phases.get(name, 0.0) + sec
         return {
             "member_id": self.member_id,
             "groups": groups,
+            "steps": steps,
+            **{f"{name}_s": sec for name, sec in phases.items()},
             "shards": len(self.cache.seq_ids()),
             "kv_used_tokens": self.cache.reserved_tokens,
             "kv_capacity_tokens": self.cache.capacity_tokens,

@@ -33,6 +33,7 @@ from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.kvcache import KVCache
 from fapool.policy import PolicyConfig
+from fapool.profiling import PhaseTimer
 
 
 class PoolFailure(RuntimeError):
@@ -55,9 +56,11 @@ class PooledAttention(AttentionExecutor):
         policy: PolicyConfig,
         num_bases: int = 1,
         pool_wait_s: float = 30.0,
+        profile: bool = False,
     ) -> None:
         self.cfg = cfg
-        self.local = LocalAttention(cache, kernel)
+        self.timer = PhaseTimer(cache.device, profile)
+        self.local = LocalAttention(cache, kernel, self.timer)
         self.cache, self.kernel = cache, kernel
         self.policy = policy
         self.threshold = policy.curve.threshold  # shortest prompt that goes to the pool
@@ -68,6 +71,7 @@ class PooledAttention(AttentionExecutor):
         self.capacity_hint = policy.max_pool  # members the cluster can give, from the controller
         self.pooled: dict[str, PooledSeq] = {}
         self.pooled_total = 0
+        self.step_pooled = 0  # pooled sequences in the latest step
         self.member_used: dict[int, int] = {}
         self._handles = itertools.count(1)
         self._deferred_since: dict[str, float] = {}
@@ -168,6 +172,7 @@ class PooledAttention(AttentionExecutor):
         self._batch = batch
         self._offsets = batch.offsets()
         self._pooled_idx = [i for i, s in enumerate(batch.slices) if s.seq_id in self.pooled]
+        self.step_pooled = len(self._pooled_idx)
         if not self._pooled_idx:
             return
         assert self.plane is not None, "pooled sequences without a data plane"
@@ -191,10 +196,11 @@ class PooledAttention(AttentionExecutor):
         slices, offs = self._batch.slices, self._offsets
         pending = self._exchange(layer, q, k, v, out) if self._pooled_idx else None
         pooled = set(self._pooled_idx)
-        for i, s in enumerate(slices):
-            if i not in pooled:  # local sequences overlap with the members' work
-                lo, hi = offs[i], offs[i + 1]
-                out[lo:hi] = self.local.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
+        with self.timer.phase("attention"):
+            for i, s in enumerate(slices):
+                if i not in pooled:  # local sequences overlap with the members' work
+                    lo, hi = offs[i], offs[i + 1]
+                    out[lo:hi] = self.local.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
         if pending is not None:
             self._guard(pending)
         return out
@@ -219,18 +225,21 @@ class PooledAttention(AttentionExecutor):
             if rows:
                 buf = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
                 recvs.append((rank, buf, self._guard(lambda r=rank, b=buf: plane.irecv(b, r, TAG_OUT))))
-        for i, it in zip(self._pooled_idx, self._items):
-            lo, hi = offs[i], offs[i + 1]
-            slab, row = self.cache.get(slices[i].seq_id), 0
-            for s, e in it.ranges_of(0):
-                o, _lse = prefill_block(self.kernel, q[lo + s : lo + e], k[lo : lo + e], v[lo : lo + e])
-                out[lo + s : lo + e] = o
-                slab.write(layer, row, k[lo + s : lo + e], v[lo + s : lo + e])
-                row += e - s
+        with self.timer.phase("attention"):
+            for i, it in zip(self._pooled_idx, self._items):
+                lo, hi = offs[i], offs[i + 1]
+                slab, row = self.cache.get(slices[i].seq_id), 0
+                for s, e in it.ranges_of(0):
+                    o, _lse = prefill_block(self.kernel, q[lo + s : lo + e], k[lo : lo + e], v[lo : lo + e])
+                    out[lo + s : lo + e] = o
+                    slab.write(layer, row, k[lo + s : lo + e], v[lo + s : lo + e])
+                    row += e - s
 
         def finish() -> None:
+            with self.timer.phase("pool_wait"):
+                for _rank, _buf, work in recvs:
+                    work.wait()
             for rank, buf, work in recvs:
-                work.wait()
                 row = 0
                 for i, it in zip(self._pooled_idx, self._items):
                     for s, e in it.ranges_of(rank):
@@ -254,21 +263,22 @@ class PooledAttention(AttentionExecutor):
             recvs.append((o, lse, w1, w2))
         base_o = torch.empty_like(qp)
         base_lse = torch.empty(hq, m, dtype=torch.float32, device=q.device)
-        for j, i in enumerate(self._pooled_idx):
-            slab, t = self.cache.get(slices[i].seq_id), offs[i]
-            slab.write(layer, slab.length, k[t : t + 1], v[t : t + 1])
-            n = slab.length + 1
-            o, lse = decode_partial(self.kernel, qp[j : j + 1], slab.keys(layer, n), slab.values(layer, n))
-            base_o[j : j + 1], base_lse[:, j : j + 1] = o, lse
+        with self.timer.phase("attention"):
+            for j, i in enumerate(self._pooled_idx):
+                slab, t = self.cache.get(slices[i].seq_id), offs[i]
+                slab.write(layer, slab.length, k[t : t + 1], v[t : t + 1])
+                n = slab.length + 1
+                o, lse = decode_partial(self.kernel, qp[j : j + 1], slab.keys(layer, n), slab.values(layer, n))
+                base_o[j : j + 1], base_lse[:, j : j + 1] = o, lse
 
         def finish() -> None:
-            parts = [(base_o, base_lse)]
-            for o, lse, w1, w2 in recvs:
-                w1.wait()
-                w2.wait()
-                parts.append((o, lse))
-            merged, _ = merge_tree(parts)
-            out[idx] = merged
+            with self.timer.phase("pool_wait"):
+                for _o, _lse, w1, w2 in recvs:
+                    w1.wait()
+                    w2.wait()
+            with self.timer.phase("merge"):
+                merged, _ = merge_tree([(base_o, base_lse)] + [(o, lse) for o, lse, _, _ in recvs])
+                out[idx] = merged
 
         return finish
 

@@ -14,13 +14,15 @@ from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, decode_partial, prefill_block
 from fapool.config import ModelConfig
 from fapool.kvcache import KVCache
+from fapool.profiling import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 
 class ShardServer:
     def __init__(
-        self, base_id: int, plane: DataPlane, cache: KVCache, kernel: AttentionKernel, cfg: ModelConfig
+        self, base_id: int, plane: DataPlane, cache: KVCache, kernel: AttentionKernel, cfg: ModelConfig,
+        profile: bool = False,
     ) -> None:
         self.base_id = base_id
         self.plane = plane
@@ -28,6 +30,8 @@ class ShardServer:
         self.kernel = kernel
         self.cfg = cfg
         self.steps = 0
+        self.timer = PhaseTimer(cache.device, profile)
+        self.phase_totals: dict[str, float] = {}
 
     def key(self, handle: int) -> str:
         return f"{self.base_id}:{handle}"
@@ -48,6 +52,9 @@ class ShardServer:
             else:
                 raise RuntimeError(f"unknown data-plane op {op}")
             self.steps += 1
+            if self.timer.enabled:
+                for name, sec in self.timer.collect().items():
+                    self.phase_totals[name] = self.phase_totals.get(name, 0.0) + sec
 
     def _prefill(self, body: list[int]) -> None:
         cfg, rank = self.cfg, self.plane.rank
@@ -68,11 +75,12 @@ class ShardServer:
                 q, k, v = qkv[start : start + it.num_tokens].split([hq, hkv, hkv], dim=1)
                 start += it.num_tokens
                 row = 0
-                for s, e in ranges:
-                    o, _lse = prefill_block(self.kernel, q[s:e], k[:e], v[:e])
-                    outs.append(o)
-                    self.cache.get(self.key(it.handle)).write(layer, row, k[s:e], v[s:e])
-                    row += e - s
+                with self.timer.phase("member_attention"):
+                    for s, e in ranges:
+                        o, _lse = prefill_block(self.kernel, q[s:e], k[:e], v[:e])
+                        outs.append(o)
+                        self.cache.get(self.key(it.handle)).write(layer, row, k[s:e], v[s:e])
+                        row += e - s
             if outs:
                 self.plane.send(torch.cat(outs).contiguous(), 0, TAG_OUT)
 
@@ -86,12 +94,13 @@ class ShardServer:
             self.plane.broadcast(q)  # (M, Hq, D)
             out = torch.zeros_like(q)
             lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
-            for i, slab in enumerate(slabs):
-                if slab is not None:
-                    o, l = decode_partial(
-                        self.kernel, q[i : i + 1], slab.keys(layer, slab.length), slab.values(layer, slab.length)
-                    )
-                    out[i : i + 1] = o
-                    lse[:, i : i + 1] = l
+            with self.timer.phase("member_attention"):
+                for i, slab in enumerate(slabs):
+                    if slab is not None:
+                        o, l = decode_partial(
+                            self.kernel, q[i : i + 1], slab.keys(layer, slab.length), slab.values(layer, slab.length)
+                        )
+                        out[i : i + 1] = o
+                        lse[:, i : i + 1] = l
             self.plane.send(out, 0, TAG_OUT)
             self.plane.send(lse, 0, TAG_LSE)

@@ -12,6 +12,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from fapool.attention import select_kernel
+from fapool.batch import StepBatch
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.kvcache import KVCache, capacity_from_memory
@@ -47,6 +48,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.executor, config.max_num_seqs, config.max_prefill_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -118,6 +120,7 @@ class LLMEngine:
         if scheduled is None:
             return []
         batch, seqs = scheduled
+        self.last_batch = batch
         dev = self.loaded.device
         flat: list[int] = []
         positions: list[int] = []

@@ -13,6 +13,7 @@ import torch
 from fapool.attention import AttentionKernel
 from fapool.batch import SeqSlice, StepBatch
 from fapool.kvcache import KVCache
+from fapool.profiling import PhaseTimer
 
 
 class AttentionExecutor(ABC):
@@ -51,9 +52,10 @@ class AttentionExecutor(ABC):
 class LocalAttention(AttentionExecutor):
     """Attention on the engine's device over its own KV cache."""
 
-    def __init__(self, cache: KVCache, kernel: AttentionKernel) -> None:
+    def __init__(self, cache: KVCache, kernel: AttentionKernel, timer: PhaseTimer | None = None) -> None:
         self.cache = cache
         self.kernel = kernel
+        self.timer = timer or PhaseTimer(cache.device)
         self._batch: StepBatch | None = None
         self._offsets: list[int] = []
 
@@ -76,8 +78,9 @@ class LocalAttention(AttentionExecutor):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self._batch is not None, "attend() outside begin_step/end_step"
         out = torch.empty_like(q)
-        for s, lo, hi in zip(self._batch.slices, self._offsets, self._offsets[1:]):
-            out[lo:hi] = self.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
+        with self.timer.phase("attention"):
+            for s, lo, hi in zip(self._batch.slices, self._offsets, self._offsets[1:]):
+                out[lo:hi] = self.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
         return out
 
     def attend_slice(

@@ -177,6 +177,7 @@ class InferenceService:
             "time_s": snap.time_s, "size": st.size if st else 0, "target": st.target if st else 0,
             "epoch": st.epoch if st else 0, "capacity": st.capacity if st else 0, "max_pool": pol.max_pool,
             "members": list(st.members) if st else [], "draining": list(st.draining) if st else [],
+            "standby": st.standby if st else 0,
             "curve": str(pol.curve), "cooldown_s": pol.cooldown_s,
             "longest_context": st.longest_context if st else 0, "contexts": contexts,
             "requests_running": snap.running, "requests_waiting": snap.waiting,

@@ -149,3 +149,17 @@ def test_capacity_caps_the_pool(start_cluster):
     assert cluster.generate(None, GREEDY, prompt_token_ids=p).token_ids == want
     st = cluster.status()
     assert st.size == 3 and st.target == 3
+
+
+def test_warm_standby_joins_first_and_is_refilled(start_cluster):
+    cluster = start_cluster(cfg_for("tiny", cooldown_s=0.5, standby_members=1))
+    wait_for(lambda: cluster.status().standby == 1, what="a warm standby member")
+    p = prompt(20, 50)  # wants one member: the standby
+    want = LLMEngine(EngineConfig(model="tiny", device="cpu")).generate([p], GREEDY)[0].token_ids
+    assert cluster.generate(None, GREEDY, prompt_token_ids=p).token_ids == want
+    st = cluster.status()
+    assert st.size == 1 and st.members == (1,)  # member 1 was the standby started with the cluster
+    wait_for(lambda: cluster.status().standby == 1, what="the standby to be refilled")
+    # Shrinking returns the drained member to standby when there is room, else stops it.
+    wait_for(lambda: cluster.status().size == 0, timeout_s=30, what="the pool to shrink")
+    assert cluster.status().standby == 1
