@@ -25,6 +25,7 @@ from actors.pooled_attention import PooledAttention, PoolFailure
 from actors.transport import DataPlane
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
+from fapool.policy import PolicyConfig
 from fapool.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class BaseActor:
     async def set_capacity(self, capacity: int) -> None:
         """How many members the cluster can give: a long prompt waits only for a pool that can come."""
         self._inbox.put(("capacity", capacity))
+
+    async def set_policy(self, policy: PolicyConfig) -> None:
+        await self._ask("policy", policy)
 
     async def set_draining(self, member_ids: frozenset[int]) -> dict[int, int]:
         """Stop placing sequences on these members; returns live pooled sequences per member."""
@@ -216,6 +220,9 @@ class BaseActor:
         if kind == "draining":
             ex.spec = EpochSpec(ex.spec.epoch, ex.spec.members, frozenset(value))
             return ex.seqs_per_member()
+        if kind == "policy":
+            ex.policy = value
+            return None
         if kind == "seqs_per_member":
             return ex.seqs_per_member()
         if kind == "epoch":

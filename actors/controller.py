@@ -20,7 +20,7 @@ from actors.base_actor import BaseActor
 from actors.config import ClusterConfig
 from actors.messages import BaseReport, EpochSpec, JoinSpec, MemberInfo, PoolStatus, ScaleEvent
 from actors.pool_actor import AttentionPoolActor
-from fapool.policy import PolicyState, decide
+from fapool.policy import MAX_POOL, PolicyConfig, PolicyState, decide
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
@@ -100,6 +100,16 @@ class PoolController:
             capacity=self._capacity(), longest_context=max(contexts, default=0), contexts=contexts,
             events=tuple(self.events),
         )
+
+    async def reconfigure(self, policy: PolicyConfig, standby_members: int | None = None) -> None:
+        """Change the pool policy (and the warm standby) of a running cluster; bases follow."""
+        changes: dict[str, Any] = {"policy": policy}
+        if standby_members is not None:
+            changes["standby_members"] = standby_members
+        self.cfg = self.cfg.replace(**changes)
+        await asyncio.gather(*(b.set_policy.remote(policy) for b in self.bases))
+        self._refill_standby()
+        self._wake.set()
 
     async def member_handle(self, member_id: int) -> Any:
         return self.members[member_id].handle
@@ -192,7 +202,7 @@ class PoolController:
 
     def _refill_standby(self) -> None:
         missing = self.cfg.standby_members - len(self.standby) - self._standby_starting
-        if missing > 0 and len(self.members) + len(self.standby) + missing <= self.cfg.policy.max_pool:
+        if missing > 0 and len(self.members) + len(self.standby) + missing <= MAX_POOL:
             self._standby_starting += missing
 
             async def fill() -> None:

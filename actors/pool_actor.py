@@ -99,7 +99,7 @@ class AttentionPoolActor:
             "member_id": self.member_id,
             "groups": groups,
             "steps": steps,
-            **{f"{name}_s": sec for name, sec in phases.items()},
+            **phases,  # decode_steps, decode_attention (s), prefill_steps, prefill_attention (s)
             "shards": len(self.cache.seq_ids()),
             "kv_used_tokens": self.cache.reserved_tokens,
             "kv_capacity_tokens": self.cache.capacity_tokens,

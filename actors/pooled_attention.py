@@ -63,7 +63,6 @@ class PooledAttention(AttentionExecutor):
         self.local = LocalAttention(cache, kernel, self.timer)
         self.cache, self.kernel = cache, kernel
         self.policy = policy
-        self.threshold = policy.curve.threshold  # shortest prompt that goes to the pool
         self.num_bases = num_bases  # members' capacity is shared evenly between bases
         self.pool_wait_s = pool_wait_s
         self.plane: DataPlane | None = None
@@ -77,6 +76,11 @@ class PooledAttention(AttentionExecutor):
         self._deferred_since: dict[str, float] = {}
         self._batch: StepBatch | None = None
         self._offsets: list[int] = []
+
+    @property
+    def threshold(self) -> int:
+        """The shortest prompt that goes to the pool."""
+        return self.policy.curve.threshold
 
     # ---- membership ------------------------------------------------------------------------
     def active_members(self) -> list[MemberInfo]:

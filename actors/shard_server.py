@@ -44,8 +44,10 @@ class ShardServer:
                 return
             if op == OP_PREFILL:
                 self._prefill(body)
+                self.phase_totals["prefill_steps"] = self.phase_totals.get("prefill_steps", 0) + 1
             elif op == OP_DECODE:
                 self._decode(body)
+                self.phase_totals["decode_steps"] = self.phase_totals.get("decode_steps", 0) + 1
             elif op == OP_FREE:
                 for handle in body:
                     self.cache.free(self.key(handle))
@@ -75,7 +77,7 @@ class ShardServer:
                 q, k, v = qkv[start : start + it.num_tokens].split([hq, hkv, hkv], dim=1)
                 start += it.num_tokens
                 row = 0
-                with self.timer.phase("member_attention"):
+                with self.timer.phase("prefill_attention"):
                     for s, e in ranges:
                         o, _lse = prefill_block(self.kernel, q[s:e], k[:e], v[:e])
                         outs.append(o)
@@ -94,7 +96,7 @@ class ShardServer:
             self.plane.broadcast(q)  # (M, Hq, D)
             out = torch.zeros_like(q)
             lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
-            with self.timer.phase("member_attention"):
+            with self.timer.phase("decode_attention"):
                 for i, slab in enumerate(slabs):
                     if slab is not None:
                         o, l = decode_partial(

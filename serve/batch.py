@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
@@ -26,10 +27,10 @@ from typing import Any, TextIO, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fapool.config import EngineConfig
-from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
+from fapool.policy import DEFAULT_CURVE, MAX_POOL
 from fapool.sampling import SamplingParams
 
+CLUSTER_FLAGS = ("model", "device", "base_actors", "max_pool", "pool_curve", "pool_cooldown_s", "accelerator_type")
 OVERLOAD_RETRY_S = 300.0  # how long a request refused with "overloaded" keeps retrying
 POLL_EVERY_S = 0.5
 
@@ -117,14 +118,16 @@ class OrderedWriter:
 
 
 class PoolWatcher:
-    """Polls the controller in the background: the largest pool seen and the scale events."""
+    """Polls the controller in the background: the largest pool seen, scale events, and how many
+    requests the bases ran with their KV spread over the pool."""
 
     def __init__(self, cluster: Any, every_s: float = POLL_EVERY_S) -> None:
         import ray
 
         self.cluster, self.every_s, self.peak_size = cluster, every_s, 0
         self._counts = lambda: ray.get(cluster.controller.scale_counts_total.remote())
-        self._start_counts = self._counts()
+        self._pooled = lambda: sum(s.pooled_total for s in ray.get([b.stats.remote() for b in cluster.bases]))
+        self._start_counts, self._start_pooled = self._counts(), self._pooled()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pool-watcher")
 
@@ -157,7 +160,8 @@ class PoolWatcher:
         end = self._counts()
         return {"peak_size": self.peak_size, "final_size": st.size, "final_target": st.target,
                 "scale_ups": end["up"] - self._start_counts["up"],
-                "scale_downs": end["down"] - self._start_counts["down"]}
+                "scale_downs": end["down"] - self._start_counts["down"],
+                "pooled_requests": self._pooled() - self._start_pooled}  # also counts other clients' requests
 
 
 def generate_one(cluster: Any, req: BatchRequest) -> dict[str, Any]:
@@ -215,12 +219,15 @@ def run_batch(cluster: Any, items: list, out: TextIO, concurrency: int) -> dict[
 
 
 def cluster_config(args: argparse.Namespace) -> Any:
-    from actors.config import ClusterConfig
+    """The `ClusterConfig` of the cluster flags, validated as `fapool serve` validates them."""
+    from serve.options import ServeOptions
 
-    policy = PolicyConfig(curve=PoolCurve.parse(args.pool_curve), max_pool=args.max_pool,
-                          cooldown_s=args.pool_cooldown_s)
-    return ClusterConfig(engine=EngineConfig(model=args.model, device=args.device), policy=policy,
-                         num_base_actors=args.base_actors, accelerator_type=args.accelerator_type)
+    try:
+        return ServeOptions(**{k: getattr(args, k) for k in CLUSTER_FLAGS}).cluster_config()
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
+        raise ValueError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def open_cluster(args: argparse.Namespace, cfg: Any) -> tuple[Any, bool]:
@@ -248,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--keep-cluster", action="store_true", help="leave a controller this job started running")
-    g = p.add_argument_group("cluster (only when no controller is running)")
+    g = p.add_argument_group("cluster, as for `fapool serve` (used only when no controller is running)")
     g.add_argument("--model", default="tiny")
     g.add_argument("--device", default="auto")
     g.add_argument("--base-actors", type=int, default=1)
@@ -259,13 +266,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(*_: Any) -> None:
+    # `ray job stop` sends SIGTERM first: unwind, so a controller this job started is shut down.
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.concurrency < 1:
             raise ValueError(f"--concurrency {args.concurrency}; use at least 1")
         if not args.output.parent.is_dir():
-            raise ValueError(f"--output {str(args.output)!r}: no directory {str(args.output.parent)!r}; create it first")
+            raise ValueError(f"--output {str(args.output)!r}: no directory {str(args.output.parent)!r}; "
+                             "create it first")
         cfg = cluster_config(args)
         items = read_requests(args.input)
     except ValueError as e:
@@ -273,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.monotonic()
     cluster, owned = open_cluster(args, cfg)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # after ray.init, which installs its own
     try:
         startup_s = time.monotonic() - t0
         with args.output.open("w", encoding="utf-8") as out, PoolWatcher(cluster) as watcher:

@@ -120,8 +120,10 @@ def ray_head():
            f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
            "--min-worker-port=0", "--max-worker-port=0"]
+    # No drain on SIGTERM: it would wait up to 30 s for the actors a kept cluster leaves running.
+    env = {**subprocess_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         wait_http_ok(f"http://127.0.0.1:{dash}/api/jobs/", proc, log_path)
@@ -248,6 +250,7 @@ def test_batch_job_matches_local_engine(ray_head):
     assert summary["completion_tokens"] == sum(w.completion_tokens for w in want)
     assert summary["controller"] == "started" and summary["wall_s"] > 0 and summary["tokens_per_s"] > 0
     assert summary["pool"]["peak_size"] >= 1 and summary["pool"]["scale_ups"] >= 1, summary
+    assert summary["pool"]["pooled_requests"] >= 2, summary  # the two long prompts used pooled attention
     deadline = time.monotonic() + 30  # the job shuts down the controller, bases and members it started
     while (alive := alive_fapool_actors(ray_head["dashboard"])) and time.monotonic() < deadline:
         time.sleep(1)

@@ -1,0 +1,1 @@
+"""The benchmark harness: FA Pool against its baselines and the physical floor."""
