@@ -55,9 +55,12 @@ class DataPlane:
             store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
         scoped = dist.PrefixStore(prefix, store)
         if device.type == "cuda":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            pg = dist.ProcessGroupNCCL(scoped, rank, world_size, opts)
+            try:
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = timeout
+                pg = dist.ProcessGroupNCCL(scoped, rank, world_size, opts)
+            except (AttributeError, TypeError):  # older bindings: the default timeout
+                pg = dist.ProcessGroupNCCL(scoped, rank, world_size)
         else:
             pg = dist.ProcessGroupGloo(scoped, rank, world_size, timeout)
         return cls(pg, rank, world_size, device, store)

@@ -88,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     ccfg = ClusterConfig(engine=EngineConfig(model=args.preset, device=args.device, kv_capacity_tokens=kv),
                          policy=PolicyConfig(PoolCurve(((1, 0),)), 0, 0.0), profile=True,
                          member_kv_capacity_tokens=kv, pool_wait_s=600.0, data_plane_timeout_s=600.0)
+    name = args.name or f"{args.preset}-{probe['device'].replace(' ', '_')}-{int(result['num_gpus'])}gpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every phase, so a run cut short still leaves its numbers
+        _summarise(result, quiet=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+    save()
     with Cluster.start(ccfg) as cluster:
         bench = Bench(cluster, cfg)
         dtype_bytes = 2 if on_gpu else 4
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench.oversized(pool, n, big, steps)
                 result["oversized"].append(r)
                 _print("oversized", r)
+            save()
         if not args.no_scaleup and max(pools) > 0:
             size = max(pools)
             bench.set_pool(0, standby=size, cooldown_s=0.0)  # drained members become the standby
@@ -127,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             r = bench.scaleup(size, contexts[0], standby=size)
             result["scaleup"].append(r)
             _print("scaleup", r)
+    save()
     _summarise(result)
-    name = args.name or f"{args.preset}-{probe['device'].replace(' ', '_')}-{int(result['num_gpus'])}gpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / (name + '.json')}")
     return 0
 
@@ -168,7 +175,7 @@ def _print(kind: str, r: dict) -> None:
     print(kind, " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys), flush=True)
 
 
-def _summarise(result: dict) -> None:
+def _summarise(result: dict, quiet: bool = False) -> None:
     """Ratios against pool 0 of the same run, printed last as a short table."""
     base_pre = {r["context"]: r["ttft_s"] for r in result["prefill"] if r["pool"] == 0}
     base_dec = {(r["context"], r["batch"]): r["tpot_s"] for r in result["decode"] if r["pool"] == 0}
@@ -183,6 +190,8 @@ def _summarise(result: dict) -> None:
         comm = ph.get("pool_wait", 0.0) - max(0.0, (r.get("member_attention_s") or 0.0) - ph.get("attention", 0.0))
         r["comm_sync_s"] = max(comm, 0.0)
         r["comm_sync_fraction"] = r["comm_sync_s"] / r["tpot_s"]
+    if quiet:
+        return
     print("\n| kind | pool | context | batch | time (ms) | floor (ms) | vs pool 0 |")
     print("|---|---|---|---|---|---|---|")
     for r in result["prefill"]:
