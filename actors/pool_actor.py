@@ -35,6 +35,8 @@ class AttentionPoolActor:
         self.cfg = model_cfg
         self.device = resolve_device(device)
         if self.device.type == "cuda":
+            # Ray shows each actor only its own GPU: index 0 unless a device was named.
+            self.device = torch.device("cuda", self.device.index or 0)
             torch.cuda.set_device(self.device)
         torch_dtype = DTYPES[dtype]
         capacity = kv_capacity_tokens or capacity_from_memory(model_cfg, torch_dtype, self.device)
