@@ -195,6 +195,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # running sequences at most
     max_prefill_tokens: int = 16384  # prompt tokens per prefill step (one longer prompt runs alone)
     attention_kernel: str = "auto"  # auto | reference | sdpa | flash4 | flash2
+    cuda_graphs: bool = True  # replay decode steps' non-attention work as CUDA graphs (CUDA only)
     seed: int = 0  # weights of the random presets
 
     def __post_init__(self) -> None:

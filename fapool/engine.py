@@ -15,6 +15,7 @@ from fapool.attention import select_kernel
 from fapool.batch import StepBatch
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
+from fapool.graphs import DecodeGraphs
 from fapool.kvcache import KVCache, capacity_from_memory
 from fapool.loader import LoadedModel, load_model
 from fapool.output import OutputProcessor
@@ -46,6 +47,7 @@ class LLMEngine:
         else:
             self.executor = executor_factory(self.loaded, self.cache)
         self.scheduler = Scheduler(self.executor, config.max_num_seqs, config.max_prefill_tokens)
+        self.graphs = DecodeGraphs(self.model, dev, self.loaded.dtype) if config.cuda_graphs and dev.type == "cuda" else None
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
@@ -132,7 +134,10 @@ class LLMEngine:
         # A failure inside the step (a lost pool member) propagates before end_step: nothing of
         # the step is committed, and the scheduler can run it again.
         self.executor.begin_step(batch)
-        hidden = self.model(input_ids, pos, self.executor)
+        if batch.kind == "decode" and self.graphs is not None and self.graphs.bucket(len(seqs)):
+            hidden = self.graphs.run(input_ids, pos, self.executor.attend)
+        else:
+            hidden = self.model(input_ids, pos, self.executor)
         self.executor.end_step()
         logits = self.model.logits(hidden[batch.last_token_indices()])
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

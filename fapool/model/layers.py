@@ -67,13 +67,17 @@ class Rotary(nn.Module):
         """Recompute the frequencies in float32 (after `to_empty` or a cast to a low precision)."""
         self.inv_freq = rope_inv_freq(self.cfg).to(device)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: (N, Hq, D), k: (N, Hkv, D), positions: (N,)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1, D) cos and sin for `positions` (N,), computed once per step for every layer."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(torch.float32)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (N, 1, D)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def apply(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: (N, Hq, D), k: (N, Hkv, D)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

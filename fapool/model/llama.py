@@ -33,16 +33,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attn: AttentionExecutor
-    ) -> torch.Tensor:
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.shape[0]  # x: (N, hidden)
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, positions)
-        o = attn.attend(self.layer_idx, q, k, v)  # (N, Hq, D)
-        return self.o_proj(o.reshape(n, -1))
+        q, k = Rotary.apply(q, k, cos, sin)
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
@@ -53,11 +52,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, attn: AttentionExecutor
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+    def pre_attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything of the layer before attention: (N, hidden) -> q, k, v."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def post_attention(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Everything after attention: the residual stream x and attention output o (N, Hq, D)."""
+        x = x + self.self_attn.o_proj(o.reshape(x.shape[0], -1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionExecutor
+    ) -> torch.Tensor:
+        q, k, v = self.pre_attention(x, cos, sin)
+        return self.post_attention(x, attn.attend(self.self_attn.layer_idx, q, k, v))
 
 
 class Backbone(nn.Module):
@@ -86,8 +96,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (N,) for all sequences of the step, concatenated. Returns (N, hidden)."""
         x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, positions, self.model.rotary, attn)
+            x = layer(x, cos, sin, attn)
         return self.model.norm(x)
 
     @torch.inference_mode()
