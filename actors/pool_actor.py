@@ -39,7 +39,7 @@ class AttentionPoolActor:
             self.device = torch.device("cuda", self.device.index or 0)
             torch.cuda.set_device(self.device)
         torch_dtype = DTYPES[dtype]
-        capacity = kv_capacity_tokens or capacity_from_memory(model_cfg, torch_dtype, self.device)
+        capacity = kv_capacity_tokens or capacity_from_memory(model_cfg, torch_dtype, self.device, 0.85)
         self.cache = KVCache(model_cfg, capacity, torch_dtype, self.device)
         self.kernel = select_kernel(self.device, attention_kernel, dtype=torch_dtype)
         self.timeout_s = timeout_s

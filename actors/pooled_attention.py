@@ -27,10 +27,10 @@ from actors.protocol import (
     encode_prefill,
 )
 from actors.transport import DataPlane
-from fapool.attention import AttentionKernel, decode_partial, merge_tree, prefill_block, query_blocks
+from fapool.attention import AttentionKernel, merge_stacked, prefill_block, query_blocks
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
-from fapool.executor import AttentionExecutor, LocalAttention
+from fapool.executor import AttentionExecutor, DecodePlan, LocalAttention
 from fapool.kvcache import KVCache
 from fapool.policy import PolicyConfig
 from fapool.profiling import PhaseTimer
@@ -177,6 +177,16 @@ class PooledAttention(AttentionExecutor):
         self._offsets = batch.offsets()
         self._pooled_idx = [i for i, s in enumerate(batch.slices) if s.seq_id in self.pooled]
         self.step_pooled = len(self._pooled_idx)
+        self._local_idx = [i for i, s in enumerate(batch.slices) if s.seq_id not in self.pooled]
+        if batch.kind == "decode":
+            dev = self.cache.device
+            self._local_plan = self.local.decode_plan([batch.slices[i] for i in self._local_idx])
+            self._local_rows = torch.tensor(self._local_idx, device=dev)
+            slabs = [self.cache.get(batch.slices[i].seq_id) for i in self._pooled_idx]
+            # A pooled sequence's base region holds its prefill part, then every generated token.
+            self._pool_plan = DecodePlan(torch.tensor([b.start + b.length for b in slabs], device=dev),
+                                         [b.start for b in slabs], [b.length + 1 for b in slabs])
+            self._pool_rows = torch.tensor(self._pooled_idx, device=dev)
         if not self._pooled_idx:
             return
         assert self.plane is not None, "pooled sequences without a data plane"
@@ -199,12 +209,16 @@ class PooledAttention(AttentionExecutor):
         out = torch.empty_like(q)
         slices, offs = self._batch.slices, self._offsets
         pending = self._exchange(layer, q, k, v, out) if self._pooled_idx else None
-        pooled = set(self._pooled_idx)
+        # Local sequences overlap with the members' work.
         with self.timer.phase("attention"):
-            for i, s in enumerate(slices):
-                if i not in pooled:  # local sequences overlap with the members' work
+            if self._batch.kind == "decode" and self._local_idx:
+                rows = self._local_rows
+                o, _ = self.local.attend_decode(layer, self._local_plan, q[rows], k[rows], v[rows])
+                out[rows] = o
+            elif self._batch.kind == "prefill":
+                for i in self._local_idx:
                     lo, hi = offs[i], offs[i + 1]
-                    out[lo:hi] = self.local.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
+                    out[lo:hi] = self.local.attend_slice(layer, slices[i], q[lo:hi], k[lo:hi], v[lo:hi])
         if pending is not None:
             self._guard(pending)
         return out
@@ -253,9 +267,8 @@ class PooledAttention(AttentionExecutor):
         return finish
 
     def _decode_layer(self, layer: int, q, k, v, out: torch.Tensor):
-        slices, offs, plane = self._batch.slices, self._offsets, self.plane
-        idx = [offs[i] for i in self._pooled_idx]  # one token each at decode
-        qp = q[idx].contiguous()  # (M, Hq, D)
+        plane, idx = self.plane, self._pool_rows  # one token per sequence at decode
+        qp = q[idx]  # (M, Hq, D), contiguous
         self._guard(lambda: plane.broadcast(qp))
         m, hq = qp.shape[0], qp.shape[1]
         recvs = []
@@ -265,15 +278,8 @@ class PooledAttention(AttentionExecutor):
             w1 = self._guard(lambda r=rank, b=o: plane.irecv(b, r, TAG_OUT))
             w2 = self._guard(lambda r=rank, b=lse: plane.irecv(b, r, TAG_LSE))
             recvs.append((o, lse, w1, w2))
-        base_o = torch.empty_like(qp)
-        base_lse = torch.empty(hq, m, dtype=torch.float32, device=q.device)
         with self.timer.phase("attention"):
-            for j, i in enumerate(self._pooled_idx):
-                slab, t = self.cache.get(slices[i].seq_id), offs[i]
-                slab.write(layer, slab.length, k[t : t + 1], v[t : t + 1])
-                n = slab.length + 1
-                o, lse = decode_partial(self.kernel, qp[j : j + 1], slab.keys(layer, n), slab.values(layer, n))
-                base_o[j : j + 1], base_lse[:, j : j + 1] = o, lse
+            base_o, base_lse = self.local.attend_decode(layer, self._pool_plan, qp, k[idx], v[idx])
 
         def finish() -> None:
             with self.timer.phase("pool_wait"):
@@ -281,8 +287,9 @@ class PooledAttention(AttentionExecutor):
                     w1.wait()
                     w2.wait()
             with self.timer.phase("merge"):
-                merged, _ = merge_tree([(base_o, base_lse)] + [(o, lse) for o, lse, _, _ in recvs])
-                out[idx] = merged
+                os_ = torch.stack([base_o] + [o for o, _, _, _ in recvs])  # (1 + members, M, Hq, D)
+                lses = torch.stack([base_lse] + [lse for _, lse, _, _ in recvs])  # (1 + members, Hq, M)
+                out[idx] = merge_stacked(os_, lses)[0]
 
         return finish
 

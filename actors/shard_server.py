@@ -11,7 +11,7 @@ import torch
 
 from actors.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_LSE, TAG_OUT, decode_prefill
 from actors.transport import DataPlane
-from fapool.attention import AttentionKernel, decode_partial, prefill_block
+from fapool.attention import AttentionKernel, prefill_block
 from fapool.config import ModelConfig
 from fapool.kvcache import KVCache
 from fapool.profiling import PhaseTimer
@@ -91,18 +91,19 @@ class ShardServer:
         handles = body
         m, hq, d = len(handles), cfg.num_attention_heads, cfg.head_dim
         q = torch.empty(m, hq, d, dtype=self.cache.dtype, device=self.cache.device)
-        slabs = [self.cache.get(self.key(h)) if self.key(h) in self.cache else None for h in handles]
+        held = [(i, self.cache.get(self.key(h))) for i, h in enumerate(handles) if self.key(h) in self.cache]
+        rows = torch.tensor([i for i, _ in held], dtype=torch.long, device=q.device)
+        starts, lengths = [b.start for _, b in held], [b.length for _, b in held]
+        arena = self.cache.arena
         for layer in range(cfg.num_hidden_layers):
             self.plane.broadcast(q)  # (M, Hq, D)
+            # Sequences this member holds no shard of contribute nothing: out 0, lse -inf.
             out = torch.zeros_like(q)
             lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
-            with self.timer.phase("decode_attention"):
-                for i, slab in enumerate(slabs):
-                    if slab is not None:
-                        o, l = decode_partial(
-                            self.kernel, q[i : i + 1], slab.keys(layer, slab.length), slab.values(layer, slab.length)
-                        )
-                        out[i : i + 1] = o
-                        lse[:, i : i + 1] = l
+            if held:
+                with self.timer.phase("decode_attention"):
+                    o, l = self.kernel.decode_varlen(q[rows], arena[layer, 0], arena[layer, 1], starts, lengths)
+                    out[rows] = o
+                    lse[:, rows] = l
             self.plane.send(out, 0, TAG_OUT)
             self.plane.send(lse, 0, TAG_LSE)

@@ -39,7 +39,8 @@ class LLMEngine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
-        capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev)
+        # The arena takes its share up front: leave room for a long prefill's activations.
+        capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev, 0.75)
         self.cache = KVCache(cfg, capacity, self.loaded.dtype, dev)
         if executor_factory is None:
             kernel = select_kernel(dev, config.attention_kernel, dtype=self.loaded.dtype)

@@ -7,6 +7,8 @@ executor (in `actors/`) keeps short sequences local and fans long ones out to po
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +16,16 @@ from fapool.attention import AttentionKernel
 from fapool.batch import SeqSlice, StepBatch
 from fapool.kvcache import KVCache
 from fapool.profiling import PhaseTimer
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Arena coordinates of a decode batch: the row each new token goes to, and each sequence's
+    region (start, filled length including the new token)."""
+
+    rows: torch.Tensor  # (B,) int64 on the cache's device
+    starts: list[int]
+    lengths: list[int]
 
 
 class AttentionExecutor(ABC):
@@ -74,14 +86,34 @@ class LocalAttention(AttentionExecutor):
     def begin_step(self, batch: StepBatch) -> None:
         self._batch = batch
         self._offsets = batch.offsets()
+        self._decode = self.decode_plan(batch.slices) if batch.kind == "decode" else None
+
+    def decode_plan(self, slices: Sequence[SeqSlice]) -> DecodePlan:
+        """Where a decode step's sequences live in the arena: computed once, used by every layer."""
+        slabs = [self.cache.get(s.seq_id) for s in slices]
+        rows = torch.tensor([b.start + s.start for b, s in zip(slabs, slices)], device=self.cache.device)
+        return DecodePlan(rows, [b.start for b in slabs], [s.end for s in slices])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self._batch is not None, "attend() outside begin_step/end_step"
         out = torch.empty_like(q)
         with self.timer.phase("attention"):
-            for s, lo, hi in zip(self._batch.slices, self._offsets, self._offsets[1:]):
-                out[lo:hi] = self.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
+            if self._decode is not None:
+                n = len(self._batch.slices)
+                out[:n] = self.attend_decode(layer, self._decode, q[:n], k[:n], v[:n])[0]
+            else:
+                for s, lo, hi in zip(self._batch.slices, self._offsets, self._offsets[1:]):
+                    out[lo:hi] = self.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
         return out
+
+    def attend_decode(
+        self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache one new token per sequence and attend each over its region, as one batch."""
+        arena = self.cache.arena
+        arena[layer, 0].index_copy_(0, plan.rows, k)
+        arena[layer, 1].index_copy_(0, plan.rows, v)
+        return self.kernel.decode_varlen(q, arena[layer, 0], arena[layer, 1], plan.starts, plan.lengths)
 
     def attend_slice(
         self, layer: int, s: SeqSlice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

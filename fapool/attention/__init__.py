@@ -13,7 +13,7 @@ from fapool.attention.kernels import (
     available_kernels,
     select_kernel,
 )
-from fapool.attention.merge import causal_by_diagonal, merge, merge_tree
+from fapool.attention.merge import causal_by_diagonal, merge, merge_stacked, merge_tree
 from fapool.attention.split import (
     decode_partial,
     kv_shards,
@@ -37,6 +37,7 @@ __all__ = [
     "decode_partial",
     "kv_shards",
     "merge",
+    "merge_stacked",
     "merge_tree",
     "prefill_block",
     "query_blocks",

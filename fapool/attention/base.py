@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -48,6 +49,29 @@ class AttentionKernel(ABC):
         assert out.shape == q.shape and out.dtype == q.dtype, (out.shape, out.dtype)
         assert lse.shape == (hq, tq) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
         return out, lse
+
+    def decode_varlen(
+        self,
+        q: Tensor,
+        k_arena: Tensor,
+        v_arena: Tensor,
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        scale: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One query row per sequence against that sequence's rows of a shared KV arena.
+
+        q: (B, Hq, D); k_arena, v_arena: (R, Hkv, D); sequence i sees rows
+        ``[starts[i], starts[i] + lengths[i])`` unmasked (its own newest key is among them).
+        Returns out (B, Hq, D) and lse (Hq, B). This default runs one :meth:`forward` per
+        sequence; kernels with a varlen op do the whole batch in one call.
+        """
+        outs, lses = [], []
+        for i, (s, n) in enumerate(zip(starts, lengths)):
+            o, lse = self.forward(q[i : i + 1], k_arena[s : s + n], v_arena[s : s + n], causal=False, scale=scale)
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses, dim=1)
 
     @abstractmethod
     def _forward(

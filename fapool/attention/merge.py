@@ -56,6 +56,20 @@ def merge_tree(partials: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
     return o, lse.float()
 
 
+def merge_stacked(o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge P partials at once: ``o`` (P, T, H, D), ``lse`` (P, H, T) -> (T, H, D), (H, T).
+
+    The same result as :func:`merge_tree`, in a fixed handful of kernels whatever P is: when all
+    partials already sit on one GPU (the base after a decode exchange), the tree's rounds buy
+    nothing and each round would cost its own kernel launches.
+    """
+    lse = lse.float()
+    total = torch.logsumexp(lse, dim=0)  # (H, T); -inf where every part is empty
+    anchor = torch.where(torch.isneginf(total), torch.zeros_like(total), total)
+    w = torch.exp(lse - anchor).permute(0, 2, 1).unsqueeze(-1)  # (P, T, H, 1)
+    return (w * o.float()).sum(dim=0).to(o.dtype), total
+
+
 def causal_by_diagonal(
     attend: AttendFn, q: Tensor, k: Tensor, v: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:

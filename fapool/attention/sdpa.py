@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fapool.attention.base import AttentionKernel
+from fapool.attention.base import HALF_DTYPES, AttentionKernel
 from fapool.attention.merge import causal_by_diagonal
 from fapool.attention.sdpa_ops import (
     FusedOpSpec,
@@ -25,6 +25,7 @@ from fapool.attention.sdpa_ops import (
     flash_op,
     fused_attend,
     kv_splits_for,
+    varlen_decode,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class SdpaCudnnKernel(AttentionKernel):
         self.min_split_keys = min_split_keys
         self.target_blocks = target_blocks
         self._first_accepting: dict[tuple[torch.dtype, int, bool, bool], int] = {}
+        self._varlen_ok = True  # False once the varlen flash op refused (older torch builds)
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
@@ -125,6 +127,21 @@ class SdpaCudnnKernel(AttentionKernel):
             f"no fused attention op accepted dtype={q.dtype}, head_dim={q.shape[-1]}, "
             f"causal={causal}: {'; '.join(refusals)}. Use the 'reference' kernel instead"
         )
+
+    def decode_varlen(
+        self, q: Tensor, k_arena: Tensor, v_arena: Tensor, starts: Sequence[int], lengths: Sequence[int],
+        scale: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The whole decode batch in one varlen flash call (``seqused_k`` marks how much of each
+        sequence's region is filled), instead of one launch chain per sequence."""
+        if not self._varlen_ok or q.dtype not in HALF_DTYPES or len(starts) < 2 or min(lengths) < 1:
+            return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
+        try:
+            return varlen_decode(q, k_arena, v_arena, starts, lengths, scale or q.shape[-1] ** -0.5)
+        except (RuntimeError, TypeError) as exc:
+            logger.warning("varlen flash decode unavailable (%s); one call per sequence instead", exc)
+            self._varlen_ok = False
+            return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
 
     def _forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float

@@ -155,3 +155,33 @@ def fused_attend(
     out4, lse_raw = op(q4, k4, v4, True, scale)
     out = out4[0].transpose(0, 1)  # (Tq, Hq, D)
     return out.to(q.dtype), normalise_lse(lse_raw, hq, tq)
+
+
+def varlen_decode(
+    q: Tensor, k_arena: Tensor, v_arena: Tensor, starts, lengths, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``aten._flash_attention_forward`` in varlen mode over regions of one KV arena.
+
+    Sequence i's keys start at ``cu_seqlens_k[i]`` and ``seqused_k[i]`` of them are filled, so
+    regions need not be packed; they must be in increasing order, hence the sort. q: (B, Hq, D),
+    arenas (R, Hkv, D). Returns out (B, Hq, D), lse (Hq, B) float32.
+    """
+    b, hq, _ = q.shape
+    order = sorted(range(b), key=lambda i: starts[i])
+    base = starts[order[0]]
+    last = order[-1]
+    cu_k = [starts[i] - base for i in order] + [starts[last] - base + lengths[last]]
+    dev = q.device
+    meta = torch.tensor([*range(b + 1), *cu_k, *(lengths[i] for i in order)], dtype=torch.int32).to(dev)
+    cu_q, cu_k_t, used = meta[: b + 1], meta[b + 1 : 2 * b + 2], meta[2 * b + 2 :]
+    idx = torch.tensor(order, device=dev)
+    k = k_arena[base : base + cu_k[-1]]
+    v = v_arena[base : base + cu_k[-1]]
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q.index_select(0, idx), k, v, cu_q, cu_k_t, 1, max(lengths), 0.0, False, False,
+        scale=scale, seqused_k=used,
+    )[:2]
+    lse = lse.reshape(hq, b) if lse.shape[0] == hq else lse.reshape(b, hq).transpose(0, 1)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(b, device=dev)
+    return out.index_select(0, inv), lse.float().index_select(1, inv).contiguous()

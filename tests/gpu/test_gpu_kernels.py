@@ -61,3 +61,21 @@ def test_cuda_graph_decode_equals_eager(dtype):
     assert [c.token_ids for c in graphed.generate(prompts, params)] == want
     assert [graphed.generate([p], params)[0].token_ids for p in prompts] == want
     assert graphed.graphs._sets  # the graphs really ran
+
+
+def test_varlen_decode_equals_one_call_per_sequence():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fapool.attention.base import AttentionKernel
+
+    kernel = select_kernel(DEV, "sdpa", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    arena_k = torch.randn(50000, 8, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    arena_v = torch.randn_like(arena_k)
+    q = torch.randn(5, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    starts, lengths = [30000, 100, 9000, 20000, 45000], [7000, 3, 9000, 1, 4999]  # out of order, gaps
+    out, lse = kernel.decode_varlen(q, arena_k, arena_v, starts, lengths)
+    ref, ref_lse = AttentionKernel.decode_varlen(kernel, q, arena_k, arena_v, starts, lengths)
+    assert kernel._varlen_ok, "the varlen flash op was refused"
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
