@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
 
 
+def _coalesce(ev: TokenEvent, events: asyncio.Queue) -> TokenEvent:
+    """Fold events already waiting into one: when the engine runs ahead of the caller, each Ray
+    streaming item carries several tokens instead of costing a round of its own."""
+    while ev.finish_reason is None and not events.empty():
+        nxt = events.get_nowait()
+        ev = TokenEvent(ev.request_id, ev.token_ids + nxt.token_ids, ev.text + nxt.text, nxt.finish_reason,
+                        nxt.prompt_tokens, nxt.completion_tokens, nxt.error, nxt.error_type)
+    return ev
+
+
 class BaseActor:
     def __init__(self, base_id: int, cfg: ClusterConfig) -> None:
         self.base_id = base_id
@@ -86,7 +96,7 @@ class BaseActor:
         try:
             self._inbox.put(("add", req))
             while True:
-                ev = await events.get()
+                ev = _coalesce(await events.get(), events)
                 finished = ev.finish_reason is not None
                 yield ev
                 if finished:

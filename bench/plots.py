@@ -99,7 +99,7 @@ def breakdown(result: dict, path: Path) -> Path | None:
         ax.bar(labels, vals, bottom=bottom, color=_color(i), label=name)
         bottom = [x + v for x, v in zip(bottom, vals)]
     ax.set(ylabel="ms per decode step", title=f"decode step at {n} tokens x batch {b}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 

@@ -122,7 +122,8 @@ def measured_tables(result: dict) -> list[str]:
             f"{r['tps']:.0f}", times(r.get("speedup_vs_pool0")),
             f"{r['comm_sync_fraction']:.1%}" if r["pool"] and r.get("comm_sync_fraction") is not None else "–"]
            for r in result.get("decode") or []]
-    over = [[r["pool"], r["context"], r["batch"], r["max_concurrent"], f"{r['decode_tps']:.0f}"]
+    over = [[r["pool"], r["context"], r["batch"], r["max_concurrent"], f"{r['decode_tps']:.0f}",
+             f"{r['e2e_tps']:.0f}" if "e2e_tps" in r else NM]
             for r in result.get("oversized") or []]
     scale = [[r["members"], r["standby"], f"{r['seconds']:.3f}"] for r in result.get("scaleup") or []]
     hf_rows = [["prefill (TTFT)", r["context"], r.get("batch", 1), ms(r["ttft_s"])] for r in hf.get("prefill") or []]
@@ -132,7 +133,7 @@ def measured_tables(result: dict) -> list[str]:
             "### Decode", "", *table(["pool", "context", "batch", "TPOT ms", "floor ms", "x floor", "TPS", "vs pool 0",
                                       "comm+sync %"], dec),
             "### Oversized batch (more KV than one GPU holds)", "",
-            *table(["pool", "context", "batch", "max concurrent", "decode TPS"], over),
+            *table(["pool", "context", "batch", "max concurrent", "decode TPS", "end-to-end TPS"], over),
             "### Scale-up", "", *table(["members", "standby", "seconds to first pooled step"], scale),
             "### Transformers baseline", "", *table(["kind", "context", "batch", "ms"], hf_rows)]
 

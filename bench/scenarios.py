@@ -119,10 +119,14 @@ class Bench:
         """Seconds from a request's arrival to its first pooled step, growing 0 -> size."""
         self.steps()
         self.set_pool(size, standby)
+        before = self.cluster.status()
         t0 = time.time()
         self.run([self.prompt(n)], 1)
         first = next(s for s in self.steps() if s.num_pooled > 0)
-        return {"members": size, "standby": standby, "seconds": first.time_s - t0}
+        ups = [e for e in self.cluster.status().events if e.direction == "up" and e.time_s >= t0]
+        return {"members": size, "standby": standby, "seconds": first.time_s - t0,
+                "size_before": before.size, "standby_before": before.standby,
+                "scale_event_s": ups[0].time_s - t0 if ups else None}
 
 
 def _member_phase_per_step(before: list[dict], after: list[dict], kind: str) -> float | None:

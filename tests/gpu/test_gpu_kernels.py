@@ -54,8 +54,9 @@ def test_cuda_graph_decode_equals_eager(dtype):
 
     prompts = [[(7 * i + j) % 250 + 3 for j in range(20 + 37 * i)] for i in range(4)]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    eager = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype=dtype, cuda_graphs=False))
-    graphed = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype=dtype))
+    eager = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype=dtype, cuda_graphs=False,
+                                   kv_capacity_tokens=1 << 16))
+    graphed = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype=dtype, kv_capacity_tokens=1 << 16))
     assert graphed.graphs is not None
     want = [c.token_ids for c in eager.generate(prompts, params)]
     assert [c.token_ids for c in graphed.generate(prompts, params)] == want
@@ -73,7 +74,8 @@ def test_varlen_decode_equals_one_call_per_sequence():
     arena_k = torch.randn(50000, 8, 128, device=DEV, dtype=torch.bfloat16, generator=g)
     arena_v = torch.randn_like(arena_k)
     q = torch.randn(5, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g)
-    starts, lengths = [30000, 100, 9000, 20000, 45000], [7000, 3, 9000, 1, 4999]  # out of order, gaps
+    starts, lengths = [30000, 100, 9000, 20000, 45000], [7000, 3, 8000, 1, 4999]  # out of order, gaps
+    assert not kernel._split_beats_varlen(q, arena_k, lengths)  # this batch takes the varlen op
     out, lse = kernel.decode_varlen(q, arena_k, arena_v, starts, lengths)
     ref, ref_lse = AttentionKernel.decode_varlen(kernel, q, arena_k, arena_v, starts, lengths)
     assert kernel._varlen_ok, "the varlen flash op was refused"

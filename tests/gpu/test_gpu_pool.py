@@ -27,16 +27,16 @@ def cluster(ray_gpu):
     if members_possible() < 1:
         pytest.skip("needs at least 2 GPUs")
     cfg = ClusterConfig(
-        engine=EngineConfig(model="tiny", device="cuda", dtype="float32"),
+        engine=EngineConfig(model="tiny", device="cuda", dtype="float32", kv_capacity_tokens=1 << 16),
         policy=PolicyConfig(PoolCurve.parse(f"64:1,256:{members_possible()}"), cooldown_s=1.0),
-        pool_wait_s=120.0,
+        pool_wait_s=120.0, member_kv_capacity_tokens=1 << 16,
     )
     with Cluster.start(cfg) as c:
         yield c
 
 
 def test_fp32_pooled_tokens_equal_unpooled(cluster):
-    ref = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype="float32"))
+    ref = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype="float32", kv_capacity_tokens=1 << 16))
     prompts = [prompt(n, i) for i, n in enumerate((20, 100, 400, 2000))]
     want = [c.token_ids for c in ref.generate(prompts, GREEDY)]
     got = [cluster.generate(None, GREEDY, prompt_token_ids=p).token_ids for p in prompts]
@@ -45,7 +45,7 @@ def test_fp32_pooled_tokens_equal_unpooled(cluster):
 
 
 def test_epoch_changes_under_load_lose_no_request(cluster):
-    ref = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype="float32"))
+    ref = LLMEngine(EngineConfig(model="tiny", device="cuda", dtype="float32", kv_capacity_tokens=1 << 16))
     prompts = [prompt(n, 100 + i) for i, n in enumerate((30, 90, 300, 600, 70, 1200, 40, 500))]
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     want = [c.token_ids for c in ref.generate(prompts, params)]
