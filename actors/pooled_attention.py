@@ -30,7 +30,7 @@ from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, merge_stacked, prefill_block, query_blocks
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
-from fapool.executor import AttentionExecutor, DecodePlan, LocalAttention
+from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.kvcache import KVCache
 from fapool.policy import PolicyConfig
 from fapool.profiling import PhaseTimer
@@ -184,8 +184,8 @@ class PooledAttention(AttentionExecutor):
             self._local_rows = torch.tensor(self._local_idx, device=dev)
             slabs = [self.cache.get(batch.slices[i].seq_id) for i in self._pooled_idx]
             # A pooled sequence's base region holds its prefill part, then every generated token.
-            self._pool_plan = DecodePlan(torch.tensor([b.start + b.length for b in slabs], device=dev),
-                                         [b.start for b in slabs], [b.length + 1 for b in slabs])
+            self._pool_plan = self.local.region_plan([b.start + b.length for b in slabs],
+                                                     [b.start for b in slabs], [b.length + 1 for b in slabs])
             self._pool_rows = torch.tensor(self._pooled_idx, device=dev)
         if not self._pooled_idx:
             return

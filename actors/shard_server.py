@@ -94,6 +94,7 @@ class ShardServer:
         held = [(i, self.cache.get(self.key(h))) for i, h in enumerate(handles) if self.key(h) in self.cache]
         rows = torch.tensor([i for i, _ in held], dtype=torch.long, device=q.device)
         starts, lengths = [b.start for _, b in held], [b.length for _, b in held]
+        kplan = self.kernel.varlen_plan(starts, lengths, cfg.num_key_value_heads, q.device) if held else None
         arena = self.cache.arena
         for layer in range(cfg.num_hidden_layers):
             self.plane.broadcast(q)  # (M, Hq, D)
@@ -102,7 +103,8 @@ class ShardServer:
             lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
             if held:
                 with self.timer.phase("decode_attention"):
-                    o, l = self.kernel.decode_varlen(q[rows], arena[layer, 0], arena[layer, 1], starts, lengths)
+                    o, l = self.kernel.decode_varlen(q[rows], arena[layer, 0], arena[layer, 1], starts, lengths,
+                                                     plan=kplan)
                     out[rows] = o
                     lse[:, rows] = l
             self.plane.send(out, 0, TAG_OUT)

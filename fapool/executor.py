@@ -26,6 +26,7 @@ class DecodePlan:
     rows: torch.Tensor  # (B,) int64 on the cache's device
     starts: list[int]
     lengths: list[int]
+    kernel_plan: object | None = None  # the kernel's varlen metadata, made once per step
 
 
 class AttentionExecutor(ABC):
@@ -91,8 +92,13 @@ class LocalAttention(AttentionExecutor):
     def decode_plan(self, slices: Sequence[SeqSlice]) -> DecodePlan:
         """Where a decode step's sequences live in the arena: computed once, used by every layer."""
         slabs = [self.cache.get(s.seq_id) for s in slices]
-        rows = torch.tensor([b.start + s.start for b, s in zip(slabs, slices)], device=self.cache.device)
-        return DecodePlan(rows, [b.start for b in slabs], [s.end for s in slices])
+        return self.region_plan([b.start + s.start for b, s in zip(slabs, slices)],
+                                [b.start for b in slabs], [s.end for s in slices])
+
+    def region_plan(self, rows: list[int], starts: list[int], lengths: list[int]) -> DecodePlan:
+        dev = self.cache.device
+        kplan = self.kernel.varlen_plan(starts, lengths, self.cache.cfg.num_key_value_heads, dev) if starts else None
+        return DecodePlan(torch.tensor(rows, dtype=torch.long).to(dev), starts, lengths, kplan)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self._batch is not None, "attend() outside begin_step/end_step"
@@ -113,7 +119,8 @@ class LocalAttention(AttentionExecutor):
         arena = self.cache.arena
         arena[layer, 0].index_copy_(0, plan.rows, k)
         arena[layer, 1].index_copy_(0, plan.rows, v)
-        return self.kernel.decode_varlen(q, arena[layer, 0], arena[layer, 1], plan.starts, plan.lengths)
+        return self.kernel.decode_varlen(q, arena[layer, 0], arena[layer, 1], plan.starts, plan.lengths,
+                                         plan=plan.kernel_plan)
 
     def attend_slice(
         self, layer: int, s: SeqSlice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

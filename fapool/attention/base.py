@@ -58,13 +58,15 @@ class AttentionKernel(ABC):
         starts: Sequence[int],
         lengths: Sequence[int],
         scale: float | None = None,
+        plan: object | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One query row per sequence against that sequence's rows of a shared KV arena.
 
         q: (B, Hq, D); k_arena, v_arena: (R, Hkv, D); sequence i sees rows
         ``[starts[i], starts[i] + lengths[i])`` unmasked (its own newest key is among them).
         Returns out (B, Hq, D) and lse (Hq, B). This default runs one :meth:`forward` per
-        sequence; kernels with a varlen op do the whole batch in one call.
+        sequence; kernels with a varlen op do the whole batch in one call, with ``plan`` from
+        :meth:`varlen_plan` made once per step.
         """
         outs, lses = [], []
         for i, (s, n) in enumerate(zip(starts, lengths)):
@@ -72,6 +74,11 @@ class AttentionKernel(ABC):
             outs.append(o)
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses, dim=1)
+
+    def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
+                    device: torch.device) -> object | None:
+        """Per-step metadata for :meth:`decode_varlen`; None where it loops per sequence."""
+        return None
 
     @abstractmethod
     def _forward(

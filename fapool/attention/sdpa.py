@@ -24,6 +24,7 @@ from fapool.attention.sdpa_ops import (
     efficient_op,
     flash_op,
     fused_attend,
+    VarlenMeta,
     kv_splits_for,
     varlen_decode,
 )
@@ -36,6 +37,7 @@ CUDA_OPS = (
     FusedOpSpec("efficient", efficient_op),
 )
 CUDA_DECODE_OPS = (CUDA_OPS[1], CUDA_OPS[0], CUDA_OPS[2])
+DECODE_ROWS = 16  # unmasked calls with this few query rows are decode-shaped
 
 
 class SdpaCudnnKernel(AttentionKernel):
@@ -101,7 +103,9 @@ class SdpaCudnnKernel(AttentionKernel):
             splits = kv_splits_for(
                 k.shape[0], k.shape[1], rows, self.min_split_keys, self.target_blocks
             )
-        decode = splits > 1
+        # Decode-shaped work takes the flash op even unsplit: cuDNN builds an execution plan per
+        # new KV length, which a decode step changes every time (about 40 ms a step, measured).
+        decode = splits > 1 or (not causal and q.shape[0] <= DECODE_ROWS)
         chain = self.decode_ops if decode else self.ops
         key = (q.dtype, q.shape[-1], causal, decode)
         start = self._first_accepting.get(key, 0)
@@ -128,27 +132,38 @@ class SdpaCudnnKernel(AttentionKernel):
             f"causal={causal}: {'; '.join(refusals)}. Use the 'reference' kernel instead"
         )
 
+    def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
+                    device: torch.device) -> VarlenMeta | None:
+        """Device-side metadata for :meth:`decode_varlen`, built once per step (building it per
+        layer would synchronise the host with the GPU four times a step)."""
+        if (not self._varlen_ok or device.type != "cuda" or len(starts) < 2 or min(lengths) < 1
+                or self._split_beats_varlen(num_kv_heads, lengths)):
+            return None
+        return VarlenMeta.build(starts, lengths, device)
+
     def decode_varlen(
         self, q: Tensor, k_arena: Tensor, v_arena: Tensor, starts: Sequence[int], lengths: Sequence[int],
-        scale: float | None = None,
+        scale: float | None = None, plan: object | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The whole decode batch in one varlen flash call (``seqused_k`` marks how much of each
         sequence's region is filled), instead of one launch chain per sequence."""
-        if (not self._varlen_ok or q.dtype not in HALF_DTYPES or len(starts) < 2 or min(lengths) < 1
-                or self._split_beats_varlen(q, k_arena, lengths)):
+        if q.dtype not in HALF_DTYPES or not self._varlen_ok:
+            return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
+        meta = plan if isinstance(plan, VarlenMeta) else self.varlen_plan(starts, lengths, k_arena.shape[1], q.device)
+        if meta is None:
             return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
         try:
-            return varlen_decode(q, k_arena, v_arena, starts, lengths, scale or q.shape[-1] ** -0.5)
+            return varlen_decode(q, k_arena, v_arena, meta, scale or q.shape[-1] ** -0.5)
         except (RuntimeError, TypeError) as exc:
             logger.warning("varlen flash decode unavailable (%s); one call per sequence instead", exc)
             self._varlen_ok = False
             return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
 
-    def _split_beats_varlen(self, q: Tensor, k_arena: Tensor, lengths: Sequence[int]) -> bool:
+    def _split_beats_varlen(self, num_kv_heads: int, lengths: Sequence[int]) -> bool:
         """The varlen op gives each (sequence, KV head) one thread block and does not split long
         KV, so a small batch of long sequences leaves the GPU half idle (measured on H100: 64K x 8
         ran at 0.75 of the per-sequence flash op, which splits KV itself). Long and few: loop."""
-        return len(lengths) * k_arena.shape[1] < self.target_blocks and max(lengths) >= 4 * self.min_split_keys
+        return len(lengths) * num_kv_heads < self.target_blocks and max(lengths) >= 4 * self.min_split_keys
 
     def _forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float

@@ -157,31 +157,49 @@ def fused_attend(
     return out.to(q.dtype), normalise_lse(lse_raw, hq, tq)
 
 
-def varlen_decode(
-    q: Tensor, k_arena: Tensor, v_arena: Tensor, starts, lengths, scale: float
-) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class VarlenMeta:
+    """Where a decode batch's regions are, for the varlen flash op: sequences sorted by region
+    start (the op needs increasing offsets), as device tensors made once per step."""
+
+    base: int  # the first region's start: keys are passed from there
+    span: int  # rows from base to the end of the last region used
+    max_len: int
+    cu_q: Tensor  # (B + 1,) int32
+    cu_k: Tensor  # (B + 1,) int32, region starts relative to base
+    used: Tensor  # (B,) int32 filled rows per region
+    order: Tensor  # (B,) int64 batch index of each sorted position
+    inverse: Tensor  # (B,) int64 sorted position of each batch index
+
+    @classmethod
+    def build(cls, starts, lengths, device: torch.device) -> "VarlenMeta":
+        b = len(starts)
+        order = sorted(range(b), key=lambda i: starts[i])
+        base, last = starts[order[0]], order[-1]
+        cu_k = [starts[i] - base for i in order] + [starts[last] - base + lengths[last]]
+        inverse = [0] * b
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        ints = torch.tensor([*range(b + 1), *cu_k, *(lengths[i] for i in order)], dtype=torch.int32)
+        longs = torch.tensor([*order, *inverse], dtype=torch.int64)
+        ints, longs = ints.to(device), longs.to(device)
+        return cls(base, cu_k[-1], max(lengths), ints[: b + 1], ints[b + 1 : 2 * b + 2], ints[2 * b + 2 :],
+                   longs[:b], longs[b:])
+
+
+def varlen_decode(q: Tensor, k_arena: Tensor, v_arena: Tensor, meta: VarlenMeta, scale: float) -> tuple[Tensor, Tensor]:
     """``aten._flash_attention_forward`` in varlen mode over regions of one KV arena.
 
     Sequence i's keys start at ``cu_seqlens_k[i]`` and ``seqused_k[i]`` of them are filled, so
-    regions need not be packed; they must be in increasing order, hence the sort. q: (B, Hq, D),
-    arenas (R, Hkv, D). Returns out (B, Hq, D), lse (Hq, B) float32.
+    regions need not be packed. q: (B, Hq, D), arenas (R, Hkv, D). Returns out (B, Hq, D),
+    lse (Hq, B) float32.
     """
     b, hq, _ = q.shape
-    order = sorted(range(b), key=lambda i: starts[i])
-    base = starts[order[0]]
-    last = order[-1]
-    cu_k = [starts[i] - base for i in order] + [starts[last] - base + lengths[last]]
-    dev = q.device
-    meta = torch.tensor([*range(b + 1), *cu_k, *(lengths[i] for i in order)], dtype=torch.int32).to(dev)
-    cu_q, cu_k_t, used = meta[: b + 1], meta[b + 1 : 2 * b + 2], meta[2 * b + 2 :]
-    idx = torch.tensor(order, device=dev)
-    k = k_arena[base : base + cu_k[-1]]
-    v = v_arena[base : base + cu_k[-1]]
+    k = k_arena[meta.base : meta.base + meta.span]
+    v = v_arena[meta.base : meta.base + meta.span]
     out, lse = torch.ops.aten._flash_attention_forward(
-        q.index_select(0, idx), k, v, cu_q, cu_k_t, 1, max(lengths), 0.0, False, False,
-        scale=scale, seqused_k=used,
+        q.index_select(0, meta.order), k, v, meta.cu_q, meta.cu_k, 1, meta.max_len, 0.0, False, False,
+        scale=scale, seqused_k=meta.used,
     )[:2]
     lse = lse.reshape(hq, b) if lse.shape[0] == hq else lse.reshape(b, hq).transpose(0, 1)
-    inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(b, device=dev)
-    return out.index_select(0, inv), lse.float().index_select(1, inv).contiguous()
+    return out.index_select(0, meta.inverse), lse.float().index_select(1, meta.inverse).contiguous()

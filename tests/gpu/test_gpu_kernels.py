@@ -75,7 +75,7 @@ def test_varlen_decode_equals_one_call_per_sequence():
     arena_v = torch.randn_like(arena_k)
     q = torch.randn(5, 32, 128, device=DEV, dtype=torch.bfloat16, generator=g)
     starts, lengths = [30000, 100, 9000, 20000, 45000], [7000, 3, 8000, 1, 4999]  # out of order, gaps
-    assert not kernel._split_beats_varlen(q, arena_k, lengths)  # this batch takes the varlen op
+    assert kernel.varlen_plan(starts, lengths, 8, DEV) is not None  # this batch takes the varlen op
     out, lse = kernel.decode_varlen(q, arena_k, arena_v, starts, lengths)
     ref, ref_lse = AttentionKernel.decode_varlen(kernel, q, arena_k, arena_v, starts, lengths)
     assert kernel._varlen_ok, "the varlen flash op was refused"
