@@ -291,7 +291,7 @@ def test_sdpa_kernel_falls_back_past_a_refusing_op_and_remembers():
     for _ in range(3):
         check(kernel, q, k, v, causal=True)
     assert refusals == [False]  # refused once, then skipped for this (dtype, D, causal)
-    assert kernel.op_for(torch.float32, 16, False) == "cpu"
+    assert kernel.op_for(torch.float32, 16, False, decode=True) == "cpu"  # one query row: decode-shaped
     assert kernel.op_for(torch.float32, 16, True) is None
 
 
