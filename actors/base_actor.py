@@ -147,8 +147,11 @@ class BaseActor:
 
     # ---- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        idle = True
         while not self._stop.is_set():
-            self._drain_inbox(block=not self.engine.has_unfinished())
+            # Block for commands when nothing can run (idle, or every request waits for the pool).
+            self._drain_inbox(block=idle or not self.engine.has_unfinished())
+            idle = False
             if self.engine.has_unfinished():
                 try:
                     outputs = self._timed_step()
@@ -162,6 +165,7 @@ class BaseActor:
                     continue
                 for out in outputs:
                     self._emit(out)
+                idle = self.engine.last_batch is None
             self._report()
         if self.executor is not None:
             self.executor.retire_plane()
@@ -170,7 +174,7 @@ class BaseActor:
         t_wall, t0 = time.time(), time.perf_counter()
         outputs = self.engine.step()  # ends with sampled tokens on the host: the GPU work is done
         wall = time.perf_counter() - t0
-        batch = self.engine.last_batch
+        batch = self.engine.last_batch  # None when nothing could run
         if batch is not None:
             ex = self.executor
             contexts = [s.end for s in batch.slices]

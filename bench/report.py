@@ -108,7 +108,8 @@ def header(result: dict) -> list[str]:
             f"- probe: copy {p.get('copy_bytes_per_s', 0) / 1e12:.3g} TB/s, "
             f"matmul {p.get('matmul_flops_per_s', 0) / 1e12:.3g} TFLOP/s, "
             f"attention {p.get('attention_flops_per_s', 0) / 1e12:.3g} TFLOP/s",
-            f"- command: `{result.get('command', '?')}`", f"- date: {result.get('time', '?')}", ""]
+            f"- command: `{result.get('command', '?')}`", f"- date: {result.get('time', '?')}",
+            *([f"- code: {g('code')}"] if g("code") else []), ""]
 
 
 def measured_tables(result: dict) -> list[str]:
@@ -125,7 +126,10 @@ def measured_tables(result: dict) -> list[str]:
     over = [[r["pool"], r["context"], r["batch"], r["max_concurrent"], f"{r['decode_tps']:.0f}",
              f"{r['e2e_tps']:.0f}" if "e2e_tps" in r else NM]
             for r in result.get("oversized") or []]
-    scale = [[r["members"], r["standby"], f"{r['seconds']:.3f}"] for r in result.get("scaleup") or []]
+    scale = [[r["members"], r["standby"],
+              f"{r['seconds']:.3f}" if r.get("seconds") is not None else NM,
+              f"{r['scale_event_s']:.3f}" if r.get("scale_event_s") is not None else NM,
+              r.get("note", "")] for r in result.get("scaleup") or []]
     hf_rows = [["prefill (TTFT)", r["context"], r.get("batch", 1), ms(r["ttft_s"])] for r in hf.get("prefill") or []]
     hf_rows += [["decode (TPOT)", r["context"], r.get("batch", 1), ms(r["tpot_s"])] for r in hf.get("decode") or []]
     return ["### Prefill", "",
@@ -134,7 +138,7 @@ def measured_tables(result: dict) -> list[str]:
                                       "comm+sync %"], dec),
             "### Oversized batch (more KV than one GPU holds)", "",
             *table(["pool", "context", "batch", "max concurrent", "decode TPS", "end-to-end TPS"], over),
-            "### Scale-up", "", *table(["members", "standby", "seconds to first pooled step"], scale),
+            "### Scale-up", "", *table(["members", "standby", "seconds to first pooled step", "seconds to scale event", "note"], scale),
             "### Transformers baseline", "", *table(["kind", "context", "batch", "ms"], hf_rows)]
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "card": probe["device"], "num_gpus": ray.cluster_resources().get("GPU", 0),
         "kernel": probe["kernel"], "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])]),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "ray": ray.__version__,
-        "python": platform.python_version(), "probe": probe,
+        "python": platform.python_version(), "probe": probe, "code": _code_version(),
         "model": {"params": param_counts(cfg)[0], "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                   "heads": cfg.num_attention_heads, "ffn": cfg.intermediate_size,
                   "kv_bytes_per_token": cfg.kv_bytes_per_token(2 if on_gpu else 4)},
@@ -141,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     _summarise(result)
     print(f"wrote {out / (name + '.json')}")
     return 0
+
+
+def _code_version() -> str | None:
+    """The commit the harness runs (None where the tree travelled without .git)."""
+    try:
+        import subprocess
+
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git, or not a checkout
+        return None
 
 
 def _probe(device: str) -> dict:

@@ -121,6 +121,7 @@ class LLMEngine:
         """Run one prefill or decode step; report what each request in it gained."""
         scheduled = self.scheduler.schedule()
         if scheduled is None:
+            self.last_batch = None
             return []
         batch, seqs = scheduled
         self.last_batch = batch
