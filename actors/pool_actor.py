@@ -13,10 +13,9 @@ from actors.transport import DataPlane
 from fapool.attention import select_kernel
 from fapool.config import ModelConfig
 from fapool.kvcache import KVCache, capacity_from_memory
-from fapool.loader import resolve_device
+from fapool.loader import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class AttentionPoolActor:
@@ -72,7 +71,7 @@ class AttentionPoolActor:
         except Exception as e:  # noqa: BLE001 - a broken group: the base recomputes its sequences
             log.warning("member %d: group of base %d epoch %d ended: %s", self.member_id, *key, e)
             if server is not None:
-                server.drop_all()
+                server.drop_own()
         finally:
             with self._lock:
                 self._servers.pop(key, None)
@@ -80,13 +79,6 @@ class AttentionPoolActor:
                     self._steps += server.steps
                     for name, sec in server.phase_totals.items():
                         self._phase_totals[name] = self._phase_totals.get(name, 0.0) + sec
-
-    def drop_base(self, base_id: int) -> None:
-        """Free every shard a (dead) base left here."""
-        prefix = f"{base_id}:"
-        for seq_id in self.cache.seq_ids():
-            if seq_id.startswith(prefix):
-                self.cache.free(seq_id)
 
     def stats(self) -> dict[str, float]:
         """Counters, and with profiling the seconds spent per phase (attention) over all steps."""

@@ -25,6 +25,7 @@ from actors.protocol import (
     TAG_OUT,
     PrefillItem,
     encode_prefill,
+    rows_of,
 )
 from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, merge_stacked, prefill_block, query_blocks
@@ -239,13 +240,13 @@ class PooledAttention(AttentionExecutor):
         self._guard(lambda: plane.broadcast(qkv))
         recvs = []
         for rank in range(1, plane.world_size):
-            rows = sum(e - s for it in self._items for s, e in it.ranges_of(rank))
+            rows = rows_of(self._items, rank)
             if rows:
                 buf = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
                 recvs.append((rank, buf, self._guard(lambda r=rank, b=buf: plane.irecv(b, r, TAG_OUT))))
         with self.timer.phase("attention"):
             for i, it in zip(self._pooled_idx, self._items):
-                lo, hi = offs[i], offs[i + 1]
+                lo = offs[i]
                 slab, row = self.cache.get(slices[i].seq_id), 0
                 for s, e in it.ranges_of(0):
                     o, _lse = prefill_block(self.kernel, q[lo + s : lo + e], k[lo : lo + e], v[lo : lo + e])

@@ -32,9 +32,17 @@ class ShardServer:
         self.steps = 0
         self.timer = PhaseTimer(cache.device, profile)
         self.phase_totals: dict[str, float] = {}
+        self.handles: set[int] = set()  # shards this group created and has not freed
 
     def key(self, handle: int) -> str:
         return f"{self.base_id}:{handle}"
+
+    def drop_own(self) -> None:
+        """Free the shards this group created: it broke, so its base prefills them again.
+        (Shards of earlier groups are freed by the base itself, through the next group.)"""
+        for handle in self.handles:
+            self.cache.free(self.key(handle))
+        self.handles.clear()
 
     def serve(self) -> None:
         """Answer the base's ops until it retires the group (STOP) or the group breaks."""
@@ -51,6 +59,7 @@ class ShardServer:
             elif op == OP_FREE:
                 for handle in body:
                     self.cache.free(self.key(handle))
+                    self.handles.discard(handle)
             else:
                 raise RuntimeError(f"unknown data-plane op {op}")
             self.steps += 1
@@ -68,6 +77,7 @@ class ShardServer:
             if rows:
                 self.cache.free(self.key(it.handle))  # a recomputed sequence replaces its shard
                 self.cache.allocate(self.key(it.handle), rows).length = rows
+                self.handles.add(it.handle)
         hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         qkv = torch.empty(total, hq + 2 * hkv, cfg.head_dim, dtype=self.cache.dtype, device=self.cache.device)
         for layer in range(cfg.num_hidden_layers):

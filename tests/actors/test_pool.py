@@ -123,6 +123,10 @@ def test_killing_a_member_mid_request_recomputes_and_heals(start_cluster):
     st = wait_for(lambda: (s := cluster.status()).size == 3 and victim_id not in s.members and s,
                   timeout_s=60, what="the pool to heal")
     assert any("died" in e.reason for e in st.events)
+    # No shard is left behind on the surviving or new members once the request is done.
+    handles = [ray.get(cluster.controller.member_handle.remote(m)) for m in st.members]
+    wait_for(lambda: all(s["shards"] == 0 for s in ray.get([h.stats.remote() for h in handles])),
+             timeout_s=30, what="members to hold no shards")
     # The healed pool serves pooled requests again.
     q = prompt(70, 21)
     want2 = LLMEngine(EngineConfig(model="tiny", device="cpu")).generate([q], GREEDY)[0].token_ids
