@@ -16,11 +16,9 @@ from concurrent.futures import Future
 from typing import Any, AsyncIterator
 
 import ray
-import torch
 
 from actors.config import CONTROLLER_NAME, NAMESPACE, ClusterConfig
 from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
-from actors.protocol import OP_FREE
 from actors.pooled_attention import PooledAttention, PoolFailure
 from actors.transport import DataPlane
 from fapool.attention import select_kernel
@@ -60,7 +58,6 @@ class BaseActor:
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_epoch: tuple[EpochSpec, Any] | None = None
-        self._orphans: list[int] = []
         self._controller = None
         self._last_report: tuple = ()
         self._last_report_s = 0.0
@@ -157,7 +154,7 @@ class BaseActor:
                     outputs = self._timed_step()
                 except PoolFailure as e:
                     log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
-                    self._recover(str(e))
+                    self._recover()
                     continue
                 except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                     log.exception("base %d: step failed", self.base_id)
@@ -263,21 +260,12 @@ class BaseActor:
             plane = DataPlane.connect(store, self.node_ip, store.port, f"epoch{epoch}/", 0,
                                       1 + len(spec.members), self.engine.loaded.device, self.cfg.data_plane_timeout_s)
         stale = self.executor.switch_epoch(spec, plane)
-        if plane is not None and self._orphans:
-            # Shards of requests recomputed after a failure may survive on healthy members.
-            plane.send_header(OP_FREE, torch.tensor(self._orphans, dtype=torch.int64))
-            self._orphans = []
         self.engine.recompute(stale)
         return stale
 
-    def _recover(self, reason: str) -> None:
+    def _recover(self) -> None:
         """A member was lost mid-step: drop the group and prefill pooled requests again."""
-        ex = self.executor
-        ids = list(ex.pooled)
-        self._orphans += [p.handle for p in ex.pooled.values()]
-        failed_epoch = ex.spec.epoch
-        ex.switch_epoch(EpochSpec(failed_epoch, ()), None)
-        self.engine.recompute(ids)
+        self.engine.recompute(self.executor.abandon())
         self._report(force=True, failed=True)
 
     def _fail_all(self, message: str) -> None:

@@ -71,6 +71,8 @@ class PooledAttention(AttentionExecutor):
         self.capacity_hint = policy.max_pool  # members the cluster can give, from the controller
         self.pooled: dict[str, PooledSeq] = {}
         self.pooled_total = 0
+        self.orphans: list[int] = []  # handles whose shards may survive on members: freed next epoch
+        self._broken: str | None = None
         self.step_pooled = 0  # pooled sequences in the latest step
         self.member_used: dict[int, int] = {}
         self._handles = itertools.count(1)
@@ -94,8 +96,18 @@ class PooledAttention(AttentionExecutor):
         """Retire the old group and adopt a new one. Returns pooled sequences that lost a holder."""
         self.retire_plane()
         self.spec, self.plane = spec, plane
+        if plane is not None and self.orphans:
+            # Shards of requests recomputed after a failure may survive on healthy members.
+            plane.send_header(OP_FREE, torch.tensor(self.orphans, dtype=torch.int64))
+            self.orphans = []
         alive = {m.member_id for m in spec.members}
         return [sid for sid, p in self.pooled.items() if not set(p.member_ids) <= alive]
+
+    def abandon(self) -> list[str]:
+        """The group broke: drop it. Returns the pooled sequences, to be prefilled again; freeing
+        them (with no group) turns their shards into orphans, freed through the next group."""
+        self.switch_epoch(EpochSpec(self.spec.epoch, ()), None)
+        return list(self.pooled)
 
     def retire_plane(self) -> None:
         if self.plane is not None:
@@ -166,14 +178,20 @@ class PooledAttention(AttentionExecutor):
             return
         for mid, r in p.rows.items():
             self.member_used[mid] = self.member_used.get(mid, 0) - r
-        if self.plane is not None:
-            try:
-                self.plane.send_header(OP_FREE, torch.tensor([p.handle], dtype=torch.int64))
-            except Exception as e:  # noqa: BLE001
-                raise PoolFailure(f"freeing a shard failed: {e}") from e
+        if self.plane is None:
+            self.orphans.append(p.handle)
+            return
+        try:
+            self.plane.send_header(OP_FREE, torch.tensor([p.handle], dtype=torch.int64))
+        except Exception as e:  # noqa: BLE001 - raise at the next step, not amid this step's outputs
+            self.orphans.append(p.handle)
+            self._broken = f"freeing a shard failed: {e}"
 
     # ---- the step --------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> None:
+        if self._broken:
+            reason, self._broken = self._broken, None
+            raise PoolFailure(reason)
         self._batch = batch
         self._offsets = batch.offsets()
         self._pooled_idx = [i for i, s in enumerate(batch.slices) if s.seq_id in self.pooled]
