@@ -319,7 +319,7 @@ class PooledAttention(AttentionExecutor):
             if s.seq_id not in self.pooled:
                 slab.length = s.end
             elif self._batch.kind == "prefill":
-                slab.length = sum(e - s_ for s_, e in self._items[self._pooled_idx.index(i)].ranges_of(0))
+                slab.length = rows_of([self._items[self._pooled_idx.index(i)]], 0)
             else:
                 slab.length += 1
         self._batch = None

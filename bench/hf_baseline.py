@@ -7,6 +7,7 @@ import time
 import torch
 
 from fapool.config import PRESETS
+from fapool.loader import resolve_device
 
 
 def _sync(dev: torch.device) -> None:
@@ -16,11 +17,11 @@ def _sync(dev: torch.device) -> None:
 
 def hf_baseline(preset: str, contexts: list[int], decode_contexts: list[int], decode_steps: int,
                 device: str = "auto") -> dict:
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = PRESETS[preset]
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -31,7 +32,7 @@ def hf_baseline(preset: str, contexts: list[int], decode_contexts: list[int], de
     with torch.device(dev):  # random init on the device itself: seconds, not minutes
         model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    out = {"prefill": [], "decode": [], "transformers": __import__("transformers").__version__}
+    out = {"prefill": [], "decode": [], "transformers": transformers.__version__}
     for n in contexts:
         ids = torch.randint(0, cfg.vocab_size, (1, n), generator=gen).to(dev)
         with torch.no_grad():

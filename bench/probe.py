@@ -6,6 +6,7 @@ import time
 import torch
 
 from fapool.attention import select_kernel
+from fapool.loader import resolve_device
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
@@ -22,8 +23,7 @@ def _time(fn, device: torch.device, reps: int) -> float:
 
 def probe(device: str = "auto", dtype: str = "bfloat16") -> dict[str, float | str]:
     """Copy bandwidth (bytes read + written per second), matmul and causal attention FLOP/s."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     dt = getattr(torch, dtype) if dev.type == "cuda" else torch.float32
     big = dev.type == "cuda"
     n_copy = (1 << 30) if big else (1 << 24)  # elements

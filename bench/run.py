@@ -23,7 +23,7 @@ import torch
 from actors.cluster import Cluster, connect
 from actors.config import ClusterConfig
 from bench.floors import decode_floor_s, param_counts, prefill_floor_s
-from bench.scenarios import Bench
+from bench.scenarios import Bench, wait_until
 from fapool.config import PRESETS, EngineConfig
 from fapool.policy import PolicyConfig, PoolCurve
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             size = max(pools)
             bench.set_pool(0, standby=size, cooldown_s=0.0)  # drained members become the standby
             bench.wait_size(0)
-            _wait(lambda: cluster.status().standby >= size)
+            wait_until(lambda: cluster.status().standby >= size, "a warm standby")
             r = bench.scaleup(size, contexts[0], standby=size)
             result["scaleup"].append(r)
             _print("scaleup", r)
@@ -170,14 +170,6 @@ def _oversized_batch(cluster: Cluster, n: int, steps: int) -> int:
     """A batch whose KV does not fit one base's cache: a few more sequences than fit."""
     cap = ray.get(cluster.bases[0].stats.remote()).kv_capacity_tokens
     return cap // (n + steps) + 4
-
-
-def _wait(pred, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark setup timed out")
-        time.sleep(0.2)
 
 
 def _print(kind: str, r: dict) -> None:

@@ -68,11 +68,7 @@ class Bench:
         ray.get(self.cluster.controller.reconfigure.remote(PolicyConfig(curve, size, cooldown_s), standby))
 
     def wait_size(self, size: int, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.cluster.status().size != size:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"pool did not reach {size} members")
-            time.sleep(0.2)
+        wait_until(lambda: self.cluster.status().size == size, f"the pool to reach {size} members", timeout_s)
 
     # ---- scenarios ------------------------------------------------------------------------
     def prefill(self, pool: int, n: int, repeats: int = 2) -> dict:
@@ -127,6 +123,14 @@ class Bench:
         return {"members": size, "standby": standby, "seconds": first.time_s - t0,
                 "size_before": before.size, "standby_before": before.standby,
                 "scale_event_s": ups[0].time_s - t0 if ups else None}
+
+
+def wait_until(pred, what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
 
 
 def _member_phase_per_step(before: list[dict], after: list[dict], kind: str) -> float | None:

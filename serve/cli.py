@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -63,7 +64,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from actors.config import CONTROLLER_NAME, NAMESPACE
     from serve.app import build_app
 
-    started_here = not (args.address or __import__("os").environ.get("RAY_ADDRESS"))
+    started_here = not (args.address or os.environ.get("RAY_ADDRESS"))
     connect(args.address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
