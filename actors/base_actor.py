@@ -30,14 +30,14 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
 
 
-def _coalesce(ev: TokenEvent, events: asyncio.Queue) -> TokenEvent:
-    """Fold events already waiting into one: when the engine runs ahead of the caller, each Ray
-    streaming item carries several tokens instead of costing a round of its own."""
-    while ev.finish_reason is None and not events.empty():
-        nxt = events.get_nowait()
-        ev = TokenEvent(ev.request_id, ev.token_ids + nxt.token_ids, ev.text + nxt.text, nxt.finish_reason,
-                        nxt.prompt_tokens, nxt.completion_tokens, nxt.error, nxt.error_type)
-    return ev
+def _drain(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
+    """The event just awaited plus those already waiting: when the engine runs ahead of the caller,
+    one Ray streaming item carries several steps instead of costing a round each. Each event stays
+    one engine step (at most one token), so the ingress can still stream one event per token."""
+    batch = [ev]
+    while batch[-1].finish_reason is None and not events.empty():
+        batch.append(events.get_nowait())
+    return tuple(batch)
 
 
 class BaseActor:
@@ -79,23 +79,24 @@ class BaseActor:
             "node_ip": self.node_ip,
         }
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        """Stream a request's tokens: one `TokenEvent` per step, the last with `finish_reason`."""
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[tuple[TokenEvent, ...]]:
+        """Stream a request's steps: each item is one or more `TokenEvent`s (one per engine step);
+        the last event has `finish_reason`."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         rid = req.request_id
         if rid in self._streams:
-            yield TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
-                             error_type="invalid_request")
+            yield (TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
+                              error_type="invalid_request"),)
             return
         self._streams[rid] = (loop, events)
         finished = False
         try:
             self._inbox.put(("add", req))
             while True:
-                ev = _coalesce(await events.get(), events)
-                finished = ev.finish_reason is not None
-                yield ev
+                batch = _drain(await events.get(), events)
+                finished = batch[-1].finish_reason is not None
+                yield batch
                 if finished:
                     return
         finally:

@@ -69,14 +69,15 @@ class Cluster:
         return self.bases[next(self._rr) % len(self.bases)]
 
     def submit(self, req: GenerateRequest, base: Any = None):
-        """Start a request; returns Ray's streaming generator of `TokenEvent` refs."""
+        """Start a request; returns Ray's streaming generator of refs to `TokenEvent` tuples."""
         base = base if base is not None else self.pick_base()
         return base.generate.options(num_returns="streaming").remote(req)
 
     async def stream(self, req: GenerateRequest, base: Any = None) -> AsyncIterator[TokenEvent]:
         gen = self.submit(req, base)
         async for ref in gen:
-            yield await ref
+            for ev in await ref:
+                yield ev
 
     def generate(
         self,
@@ -91,9 +92,9 @@ class Cluster:
         ids = tuple(prompt_token_ids) if prompt_token_ids is not None else None
         text, tokens, last = [], [], None
         for ref in self.submit(GenerateRequest(rid, params, prompt, ids), base):
-            last = ray.get(ref)
-            text.append(last.text)
-            tokens += last.token_ids
+            for last in ray.get(ref):
+                text.append(last.text)
+                tokens += last.token_ids
         assert last is not None and last.finish_reason is not None
         if last.finish_reason == "error":
             raise ValueError(last.error)

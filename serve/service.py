@@ -102,27 +102,28 @@ class InferenceService:
             while True:
                 try:
                     ref = await asyncio.wait_for(gen.__anext__(), timeout=max(deadline - time.monotonic(), 0.001))
-                    ev: TokenEvent = await ref
+                    batch: tuple[TokenEvent, ...] = await ref
                 except StopAsyncIteration:
                     raise APIError(500, "the base actor ended the stream early", "internal") from None
                 except asyncio.TimeoutError:
                     raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:.0f}s",
                                    "timeout") from None
-                if ev.finish_reason == "error":
-                    done = True
-                    raise _to_api_error(ev)
-                now = time.monotonic()
-                if ev.token_ids:
-                    first_s = first_s or now
-                    last_s = now
-                done = ev.finish_reason is not None
-                if done:
-                    tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
-                    self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
-                                                 ev.prompt_tokens, ev.completion_tokens)
-                yield ev
-                if done:
-                    return
+                for ev in batch:
+                    if ev.finish_reason == "error":
+                        done = True
+                        raise _to_api_error(ev)
+                    now = time.monotonic()
+                    if ev.token_ids:
+                        first_s = first_s or now
+                        last_s = now
+                    done = ev.finish_reason is not None
+                    if done:
+                        tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
+                        self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
+                                                     ev.prompt_tokens, ev.completion_tokens)
+                    yield ev
+                    if done:
+                        return
         finally:
             self._inflight_by_base[b] -= 1
             if not done:  # the client went away or timed out: stop generating, free the KV now
