@@ -40,6 +40,11 @@ def _drain(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
     return tuple(batch)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for events, ev in items:
+        events.put_nowait(ev)
+
+
 class BaseActor:
     def __init__(self, base_id: int, cfg: ClusterConfig) -> None:
         self.base_id = base_id
@@ -161,8 +166,7 @@ class BaseActor:
                     log.exception("base %d: step failed", self.base_id)
                     self._fail_all(f"internal error: {e}")
                     continue
-                for out in outputs:
-                    self._emit(out)
+                self._emit_events([self._event(out) for out in outputs])
                 idle = self.engine.last_batch is None
             self._report()
         if self.executor is not None:
@@ -179,7 +183,8 @@ class BaseActor:
             self._steps.append(StepRecord(
                 t_wall, wall, batch.kind, len(batch.slices), batch.num_tokens,
                 ex.step_pooled, max(contexts, default=0),
-                tuple(sorted(ex.timer.collect().items())),
+                tuple(sorted({**ex.timer.collect(), "host_launch": self.engine.last_launch_s}.items()))
+                if ex.timer.enabled else (),
             ))
         return outputs
 
@@ -277,24 +282,35 @@ class BaseActor:
                 self._emit(out, error=message)
 
     def _emit(self, out: RequestOutput, error: str | None = None) -> None:
-        self._emit_event(TokenEvent(
+        self._emit_event(self._event(out, error))
+
+    @staticmethod
+    def _event(out: RequestOutput, error: str | None = None) -> TokenEvent:
+        return TokenEvent(
             out.request_id, out.new_token_ids, out.text_delta,
             ("error" if error else out.finish_reason) if out.finished else None,
             out.prompt_tokens, out.completion_tokens, error or out.error, "internal" if error else None,
-        ))
+        )
 
     def _emit_event(self, ev: TokenEvent) -> None:
-        target = self._streams.get(ev.request_id)
-        if target is not None:
-            loop, events = target
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+        self._emit_events([ev])
+
+    def _emit_events(self, evs: list[TokenEvent]) -> None:
+        """Hand a step's events to their streams with one wake-up of the event loop, not one per
+        request: the loop's thread competes with this one for the GIL."""
+        targets = [(t, ev) for ev in evs if (t := self._streams.get(ev.request_id)) is not None]
+        if targets:
+            targets[0][0][0].call_soon_threadsafe(_deliver, [(queue_, ev) for (_, queue_), ev in targets])
 
     def _report(self, force: bool = False, failed: bool = False) -> None:
         """Tell the controller the contexts in flight when they change (fire and forget)."""
         ex = self.executor
         contexts = tuple(sorted(self.engine.scheduler.contexts_in_flight(), reverse=True))
         per_member = tuple(sorted(ex.seqs_per_member().items()))
-        state = (contexts, per_member)
+        # Contexts grow by one token a decode step; the controller hears of that at most every
+        # REPORT_EVERY_S (a Ray call a step would cost the token loop), of anything else at once.
+        sched = self.engine.scheduler
+        state = (tuple(q.request_id for q in (*sched.running, *sched.waiting)), per_member)
         now = time.monotonic()
         if not force and state == self._last_report and now - self._last_report_s < REPORT_EVERY_S:
             return

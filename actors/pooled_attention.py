@@ -21,14 +21,15 @@ from actors.protocol import (
     OP_FREE,
     OP_PREFILL,
     OP_STOP,
-    TAG_LSE,
     TAG_OUT,
+    PartLayout,
     PrefillItem,
     encode_prefill,
     rows_of,
 )
 from actors.transport import DataPlane
-from fapool.attention import AttentionKernel, merge_stacked, prefill_block, query_blocks
+from fapool.attention import AttentionKernel, prefill_block, query_blocks
+from fapool.attention.triton_decode import merge_partials
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
@@ -255,7 +256,7 @@ class PooledAttention(AttentionExecutor):
             [torch.cat([q[offs[i] : offs[i + 1]], k[offs[i] : offs[i + 1]], v[offs[i] : offs[i + 1]]], dim=1)
              for i in self._pooled_idx]
         )  # (T, Hq + 2 Hkv, D)
-        self._guard(lambda: plane.broadcast(qkv))
+        sent = self._guard(lambda: plane.broadcast(qkv, wait=False))  # the base's blocks overlap it
         recvs = []
         for rank in range(1, plane.world_size):
             rows = rows_of(self._items, rank)
@@ -274,6 +275,7 @@ class PooledAttention(AttentionExecutor):
 
         def finish() -> None:
             with self.timer.phase("pool_wait"):
+                sent.wait()
                 for _rank, _buf, work in recvs:
                     work.wait()
             for rank, buf, work in recvs:
@@ -288,27 +290,22 @@ class PooledAttention(AttentionExecutor):
     def _decode_layer(self, layer: int, q, k, v, out: torch.Tensor):
         plane, idx = self.plane, self._pool_rows  # one token per sequence at decode
         qp = q[idx]  # (M, Hq, D), contiguous
-        self._guard(lambda: plane.broadcast(qp))
-        m, hq = qp.shape[0], qp.shape[1]
-        recvs = []
-        for rank in range(1, plane.world_size):
-            o = torch.empty_like(qp)
-            lse = torch.empty(hq, m, dtype=torch.float32, device=q.device)
-            w1 = self._guard(lambda r=rank, b=o: plane.irecv(b, r, TAG_OUT))
-            w2 = self._guard(lambda r=rank, b=lse: plane.irecv(b, r, TAG_LSE))
-            recvs.append((o, lse, w1, w2))
+        # The base's own part does not wait for the broadcast to leave: it overlaps the transfer.
+        sent = self._guard(lambda: plane.broadcast(qp, wait=False))
+        layout = PartLayout(qp.shape[0], qp.shape[1], qp.shape[2], qp.dtype)
+        mine, parts = layout.empty(1, q.device), layout.empty(plane.world_size, q.device)
         with self.timer.phase("attention"):
             base_o, base_lse = self.local.attend_decode(layer, self._pool_plan, qp, k[idx], v[idx])
+            o_view, lse_view = layout.views(mine)
+            o_view[0].copy_(base_o)
+            lse_view[0].copy_(base_lse)
 
         def finish() -> None:
             with self.timer.phase("pool_wait"):
-                for _o, _lse, w1, w2 in recvs:
-                    w1.wait()
-                    w2.wait()
+                plane.all_gather(parts, mine)
+                sent.wait()
             with self.timer.phase("merge"):
-                os_ = torch.stack([base_o] + [o for o, _, _, _ in recvs])  # (1 + members, M, Hq, D)
-                lses = torch.stack([base_lse] + [lse for _, lse, _, _ in recvs])  # (1 + members, Hq, M)
-                out[idx] = merge_stacked(os_, lses)[0]
+                out[idx] = merge_partials(*layout.views(parts))
 
         return finish
 

@@ -6,8 +6,10 @@ PREFILL  body: n, then per sequence: handle, num_tokens, num_parts, rank of part
          the base). Rows split into query blocks by `query_blocks(num_tokens, num_parts)`.
          Per layer: base broadcasts [q | k | v] of all pooled tokens, (T, Hq + 2 Hkv, D); each
          member sends back its blocks' outputs, (R, Hq, D), and keeps its blocks' K, V as its shard.
-DECODE   body: n, then handles. Per layer: base broadcasts q, (M, Hq, D); each member sends back
-         its partial out (M, Hq, D) and lse (Hq, M) float32 (-inf where it holds no shard).
+DECODE   body: n, then handles. Per layer: base broadcasts q, (M, Hq, D); then one all-gather of
+         every rank's partial result, packed as `PartLayout` bytes: out (M, Hq, D) and lse
+         (Hq, M) float32 (-inf where it holds no shard); the base's own part is rank 0's.
+         One collective instead of two messages per member keeps the base's host work flat.
 FREE     body: handles whose shards to drop.
 STOP     the group is retired (a new epoch replaces it).
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fapool.attention import query_blocks
 
 OP_PREFILL, OP_DECODE, OP_FREE, OP_STOP = 1, 2, 3, 4
 SPLIT_SCHEME = "zigzag"
-TAG_OUT, TAG_LSE = 1, 2
+TAG_OUT = 1
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,33 @@ def decode_prefill(body: list[int]) -> list[PrefillItem]:
 
 def rows_of(items: list[PrefillItem], rank: int) -> int:
     return sum(e - s for it in items for s, e in it.ranges_of(rank))
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """One rank's partial decode result as bytes: out (M, Hq, D) in the model dtype, then lse
+    (Hq, M) float32. Bytes, so a single all-gather carries both."""
+
+    m: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def out_bytes(self) -> int:
+        return self.m * self.heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_bytes + 4 * self.heads * self.m
+
+    def empty(self, parts: int, device: torch.device) -> torch.Tensor:
+        assert self.out_bytes % 4 == 0, "lse must start 4-byte aligned"
+        return torch.empty(parts * self.nbytes, dtype=torch.uint8, device=device)
+
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parts, M, Hq, D) outs and (parts, Hq, M) lses over a buffer from `empty`."""
+        rows = buf.view(-1, self.nbytes)
+        out = rows[:, : self.out_bytes].view(self.dtype).view(-1, self.m, self.heads, self.head_dim)
+        lse = rows[:, self.out_bytes :].view(torch.float32).view(-1, self.heads, self.m)
+        return out, lse

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from actors.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_LSE, TAG_OUT, decode_prefill
+from actors.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_OUT, PartLayout, decode_prefill
 from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, prefill_block
 from fapool.config import ModelConfig
@@ -102,20 +102,27 @@ class ShardServer:
         m, hq, d = len(handles), cfg.num_attention_heads, cfg.head_dim
         q = torch.empty(m, hq, d, dtype=self.cache.dtype, device=self.cache.device)
         held = [(i, self.cache.get(self.key(h))) for i, h in enumerate(handles) if self.key(h) in self.cache]
+        every = len(held) == m
         rows = torch.tensor([i for i, _ in held], dtype=torch.long, device=q.device)
         starts, lengths = [b.start for _, b in held], [b.length for _, b in held]
         kplan = self.kernel.varlen_plan(starts, lengths, cfg.num_key_value_heads, q.device) if held else None
+        layout = PartLayout(m, hq, d, q.dtype)
+        mine, parts = layout.empty(1, q.device), layout.empty(self.plane.world_size, q.device)
+        o_view, lse_view = (t[0] for t in layout.views(mine))
         arena = self.cache.arena
         for layer in range(cfg.num_hidden_layers):
             self.plane.broadcast(q)  # (M, Hq, D)
-            # Sequences this member holds no shard of contribute nothing: out 0, lse -inf.
-            out = torch.zeros_like(q)
-            lse = torch.full((hq, m), float("-inf"), dtype=torch.float32, device=q.device)
+            if not every:  # sequences this member holds no shard of contribute nothing: out 0, lse -inf
+                o_view.zero_()
+                lse_view.fill_(float("-inf"))
             if held:
                 with self.timer.phase("decode_attention"):
-                    o, l = self.kernel.decode_varlen(q[rows], arena[layer, 0], arena[layer, 1], starts, lengths,
-                                                     plan=kplan)
-                    out[rows] = o
-                    lse[:, rows] = l
-            self.plane.send(out, 0, TAG_OUT)
-            self.plane.send(lse, 0, TAG_LSE)
+                    o, lse = self.kernel.decode_varlen(q if every else q[rows], arena[layer, 0], arena[layer, 1],
+                                                       starts, lengths, plan=kplan)
+                    if every:
+                        o_view.copy_(o)
+                        lse_view.copy_(lse)
+                    else:
+                        o_view[rows] = o
+                        lse_view[:, rows] = lse
+            self.plane.all_gather(parts, mine)  # every rank's part; the base merges them

@@ -65,10 +65,21 @@ class DataPlane:
             pg = dist.ProcessGroupGloo(scoped, rank, world_size, timeout)
         return cls(pg, rank, world_size, device, store)
 
-    def broadcast(self, t: torch.Tensor) -> None:
+    def broadcast(self, t: torch.Tensor, wait: bool = True) -> dist.Work | None:
+        """From rank 0 to all. With ``wait=False`` the caller's stream does not wait for it (the
+        sender's own compute overlaps the transfer); the caller must ``wait()`` the returned work
+        before it changes ``t``."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.pg.broadcast([t], opts).wait()
+        work = self.pg.broadcast([t], opts)
+        if not wait:
+            return work
+        work.wait()
+        return None
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        """Every rank's ``inp`` into ``out`` (flat, world_size * inp.numel()), in rank order."""
+        self.pg._allgather_base(out, inp).wait()
 
     def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
         self.pg.send([t], dst, tag).wait()

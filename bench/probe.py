@@ -6,6 +6,7 @@ import time
 import torch
 
 from fapool.attention import select_kernel
+from fapool.attention.triton_decode import triton_decode_reason
 from fapool.loader import resolve_device
 
 
@@ -42,6 +43,17 @@ def probe(device: str = "auto", dtype: str = "bfloat16") -> dict[str, float | st
     k, v = torch.randn_like(q), torch.randn_like(q)
     t = _time(lambda: kernel.forward(q, k, v, causal=True), dev, 10 if big else 2)
     attn = 2 * h * d * n * n / t  # causal: half of 4·n²·h·d
+    # Decode: one query row per sequence over its region of a KV arena, as the engine runs it.
+    b, ctx = (8, 65536) if big else (4, 1024)
+    ka = torch.randn(b * ctx, h, d, dtype=dt, device=dev)
+    va = torch.randn_like(ka)
+    qd = torch.randn(b, h, d, dtype=dt, device=dev)
+    starts, lengths = [i * ctx for i in range(b)], [ctx] * b
+    plan = kernel.varlen_plan(starts, lengths, h, dev)
+    t = _time(lambda: kernel.decode_varlen(qd, ka, va, starts, lengths, plan=plan), dev, 20 if big else 2)
+    decode_bps = 2 * ka.numel() * ka.element_size() / t
+    reason = triton_decode_reason(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"device": name, "kernel": kernel.name, "copy_bytes_per_s": copy_bps, "matmul_flops_per_s": mm,
-            "attention_flops_per_s": attn}
+            "attention_flops_per_s": attn, "decode_kernel": "triton split-KV" if reason is None else kernel.name,
+            "decode_bytes_per_s": decode_bps, "decode_shape": f"{b}x{ctx}"}

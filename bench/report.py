@@ -108,6 +108,8 @@ def header(result: dict) -> list[str]:
             f"- probe: copy {p.get('copy_bytes_per_s', 0) / 1e12:.3g} TB/s, "
             f"matmul {p.get('matmul_flops_per_s', 0) / 1e12:.3g} TFLOP/s, "
             f"attention {p.get('attention_flops_per_s', 0) / 1e12:.3g} TFLOP/s",
+            *([f"- decode kernel `{p['decode_kernel']}`: {p.get('decode_shape')} context over a KV arena at "
+               f"{p['decode_bytes_per_s'] / 1e12:.3g} TB/s of K and V"] if p.get("decode_kernel") else []),
             f"- command: `{result.get('command', '?')}`", f"- date: {result.get('time', '?')}",
             *([f"- code: {g('code')}"] if g("code") else []), ""]
 

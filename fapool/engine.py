@@ -52,6 +52,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
+        self.last_launch_s = 0.0  # host seconds the latest step took to enqueue its GPU work
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -119,6 +120,7 @@ class LLMEngine:
     # ---- the token loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one prefill or decode step; report what each request in it gained."""
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             self.last_batch = None
@@ -142,6 +144,9 @@ class LLMEngine:
             hidden = self.model(input_ids, pos, self.executor)
         self.executor.end_step()
         logits = self.model.logits(hidden[batch.last_token_indices()])
+        # Host time to enqueue the step: near the step's wall time means the host, not the GPU,
+        # sets the pace (the benchmark reports it).
+        self.last_launch_s = time.perf_counter() - t0
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.monotonic()
         results = []

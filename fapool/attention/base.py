@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -10,6 +11,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fapool.attention import triton_decode
+from fapool.attention.triton_decode import SplitPlan, decode_split_kv, triton_decode_reason
+
+logger = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -64,10 +69,18 @@ class AttentionKernel(ABC):
 
         q: (B, Hq, D); k_arena, v_arena: (R, Hkv, D); sequence i sees rows
         ``[starts[i], starts[i] + lengths[i])`` unmasked (its own newest key is among them).
-        Returns out (B, Hq, D) and lse (Hq, B). This default runs one :meth:`forward` per
-        sequence; kernels with a varlen op do the whole batch in one call, with ``plan`` from
-        :meth:`varlen_plan` made once per step.
+        Returns out (B, Hq, D) and lse (Hq, B). On CUDA with Triton the whole batch is one
+        split-KV launch pair (:mod:`triton_decode`), with ``plan`` from :meth:`varlen_plan` made
+        once per step; otherwise one :meth:`forward` per sequence.
         """
+        if plan is None and q.is_cuda:
+            plan = self.varlen_plan(starts, lengths, k_arena.shape[1], q.device)
+        if isinstance(plan, SplitPlan):
+            try:
+                return decode_split_kv(q, k_arena, v_arena, plan, scale or q.shape[-1] ** -0.5)
+            except Exception as exc:  # noqa: BLE001 - a compiler or driver refusal: fall back, once
+                logger.warning("Triton split-KV decode failed (%s); per-sequence kernels instead", exc)
+                triton_decode.disable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         outs, lses = [], []
         for i, (s, n) in enumerate(zip(starts, lengths)):
             o, lse = self.forward(q[i : i + 1], k_arena[s : s + n], v_arena[s : s + n], causal=False, scale=scale)
@@ -77,7 +90,9 @@ class AttentionKernel(ABC):
 
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
                     device: torch.device) -> object | None:
-        """Per-step metadata for :meth:`decode_varlen`; None where it loops per sequence."""
+        """Per-step metadata for :meth:`decode_varlen`: the Triton split plan where it runs."""
+        if starts and min(lengths) >= 1 and triton_decode_reason(device) is None:
+            return SplitPlan.build(starts, lengths, num_kv_heads, device)
         return None
 
     @abstractmethod
