@@ -44,10 +44,14 @@ def get_or_create_controller(cfg: ClusterConfig):
     try:
         controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     except ValueError:
+        # FAPOOL_* switches (attention kernel, Triton decode) set where the cluster is started
+        # reach every actor: Ray hands the controller's runtime_env down to the actors it creates.
+        env = {k: v for k, v in os.environ.items() if k.startswith("FAPOOL_")}
         controller = (
             ray.remote(PoolController)
             .options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-                     max_concurrency=1000, get_if_exists=True)
+                     max_concurrency=1000, get_if_exists=True,
+                     **({"runtime_env": {"env_vars": env}} if env else {}))
             .remote(cfg)
         )
     ray.get(controller.start.remote())

@@ -302,7 +302,7 @@ class PooledAttention(AttentionExecutor):
 
         def finish() -> None:
             with self.timer.phase("pool_wait"):
-                plane.all_gather(parts, mine)
+                plane.gather(parts, mine)
                 sent.wait()
             with self.timer.phase("merge"):
                 out[idx] = merge_partials(*layout.views(parts))

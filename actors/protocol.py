@@ -6,9 +6,9 @@ PREFILL  body: n, then per sequence: handle, num_tokens, num_parts, rank of part
          the base). Rows split into query blocks by `query_blocks(num_tokens, num_parts)`.
          Per layer: base broadcasts [q | k | v] of all pooled tokens, (T, Hq + 2 Hkv, D); each
          member sends back its blocks' outputs, (R, Hq, D), and keeps its blocks' K, V as its shard.
-DECODE   body: n, then handles. Per layer: base broadcasts q, (M, Hq, D); then one all-gather of
-         every rank's partial result, packed as `PartLayout` bytes: out (M, Hq, D) and lse
-         (Hq, M) float32 (-inf where it holds no shard); the base's own part is rank 0's.
+DECODE   body: n, then handles. Per layer: base broadcasts q, (M, Hq, D); then one gather to the
+         base of every rank's partial result, packed as `PartLayout` bytes: out (M, Hq, D) and
+         lse (Hq, M) float32 (-inf where it holds no shard); the base's own part is rank 0's.
          One collective instead of two messages per member keeps the base's host work flat.
 FREE     body: handles whose shards to drop.
 STOP     the group is retired (a new epoch replaces it).
@@ -63,7 +63,7 @@ def rows_of(items: list[PrefillItem], rank: int) -> int:
 @dataclass(frozen=True)
 class PartLayout:
     """One rank's partial decode result as bytes: out (M, Hq, D) in the model dtype, then lse
-    (Hq, M) float32. Bytes, so a single all-gather carries both."""
+    (Hq, M) float32. Bytes, so a single gather carries both."""
 
     m: int
     heads: int

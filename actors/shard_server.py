@@ -107,7 +107,7 @@ class ShardServer:
         starts, lengths = [b.start for _, b in held], [b.length for _, b in held]
         kplan = self.kernel.varlen_plan(starts, lengths, cfg.num_key_value_heads, q.device) if held else None
         layout = PartLayout(m, hq, d, q.dtype)
-        mine, parts = layout.empty(1, q.device), layout.empty(self.plane.world_size, q.device)
+        mine = layout.empty(1, q.device)
         o_view, lse_view = (t[0] for t in layout.views(mine))
         arena = self.cache.arena
         for layer in range(cfg.num_hidden_layers):
@@ -125,4 +125,4 @@ class ShardServer:
                     else:
                         o_view[rows] = o
                         lse_view[:, rows] = lse
-            self.plane.all_gather(parts, mine)  # every rank's part; the base merges them
+            self.plane.gather(None, mine)  # to the base, which merges every rank's part

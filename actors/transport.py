@@ -77,9 +77,13 @@ class DataPlane:
         work.wait()
         return None
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
-        """Every rank's ``inp`` into ``out`` (flat, world_size * inp.numel()), in rank order."""
-        self.pg._allgather_base(out, inp).wait()
+    def gather(self, out: torch.Tensor | None, inp: torch.Tensor) -> None:
+        """Every rank's ``inp`` into rank 0's ``out`` (world_size * inp.numel(), rank order); the
+        other ranks pass ``out=None``. One call per side, the transfers run in parallel."""
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        outs = [list(out.view(self.world_size, -1).unbind(0))] if out is not None else []
+        self.pg.gather(outs, [inp], opts).wait()
 
     def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
         self.pg.send([t], dst, tag).wait()

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-capacity-tokens", type=int, default=None,
                    help="KV cache per actor (default: from GPU memory; on CPU four longest sequences)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--triton-decode", action="store_true",
+                   help="decode attention with the Triton split-KV kernel (sets FAPOOL_TRITON_DECODE=1)")
     p.add_argument("--no-scaleup", action="store_true")
     p.add_argument("--out", default=os.environ.get("FAPOOL_BENCH_OUT", "bench/results"))
     p.add_argument("--name", default=None, help="result file name (default: preset and card)")
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     pools = ints(args.pools)
     cfg = PRESETS[args.preset]
 
-    connect(args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    env = {"RAY_AUTH_MODE": "disabled"}
+    if args.triton_decode:
+        os.environ["FAPOOL_TRITON_DECODE"] = env["FAPOOL_TRITON_DECODE"] = "1"
+    connect(args.address, runtime_env={"env_vars": env})
     on_gpu = args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     gpu_opts = {"num_gpus": 1} if on_gpu else {}
     probe = ray.get(ray.remote(_probe).options(num_cpus=0, **gpu_opts).remote(args.device))

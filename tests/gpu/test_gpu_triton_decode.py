@@ -9,6 +9,11 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _enabled(monkeypatch):
+    monkeypatch.setenv("FAPOOL_TRITON_DECODE", "1")
+
+
 def _needs_triton():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
