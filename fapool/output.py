@@ -18,14 +18,23 @@ class OutputProcessor:
         p = seq.params
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
-        seq.text = self.tokenizer.decode(seq.output_ids)
+        if seq.stream is None:
+            seq.stream = self.tokenizer.stream()
+        before = len(seq.text)
+        seq.text += seq.stream.step(token)  # one token's work, not a decode of the whole output
+        cut_at_stop = False
         for stop in p.stop:
-            cut = seq.text.find(stop)
+            cut = seq.text.find(stop, max(0, before - len(stop) + 1))  # only where the new text reaches
             if cut >= 0:
-                seq.text = seq.text[:cut]
-                seq.finish_reason = "stop"
+                seq.text, seq.finish_reason, cut_at_stop = seq.text[:cut], "stop", True
+                break
         if seq.finish_reason is None and len(seq.output_ids) >= p.max_tokens:
             seq.finish_reason = "length"
+        if seq.finish_reason is not None and not cut_at_stop:
+            # The stream holds back an unfinished character; one whole decode settles the end.
+            full = self.tokenizer.decode(seq.output_ids)
+            if full.startswith(seq.text):
+                seq.text = full
         return self._report(seq, (token,))
 
     def abort(self, seq: Sequence, reason: str = "abort", error: str | None = None) -> RequestOutput:

@@ -31,6 +31,7 @@ class Sequence:
     sent_text_len: int = 0  # characters already reported
     finish_reason: str | None = None
     first_token_s: float | None = None
+    stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
 
     @property
     def length(self) -> int:

@@ -5,6 +5,7 @@ built here matches `AutoTokenizer.apply_chat_template(..., tokenize=False)`.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.decoders import DecodeStream
 
 from fapool.config import ModelConfig
 
@@ -46,6 +48,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ids the tokenizer does not know decode to nothing."""
+
+    @abstractmethod
+    def stream(self) -> TextStream:
+        """An incremental decoder for one sequence's output (specials skipped): each step costs
+        one token's work, where decoding the whole output again would cost its length."""
 
     @property
     @abstractmethod
@@ -114,6 +121,29 @@ def render_chat_template(template: str, messages: list[dict[str, str]], add_gene
         raise ValueError(f"the model's chat template rejected these messages: {e}; fix the messages") from None
 
 
+class TextStream(ABC):
+    @abstractmethod
+    def step(self, token_id: int) -> str:
+        """The text this token completes: "" while a character is still incomplete."""
+
+
+class _ByteStream(TextStream):
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, token_id: int) -> str:
+        return self._utf8.decode(bytes([token_id])) if 0 <= token_id < 256 else ""
+
+
+class _HFStream(TextStream):
+    def __init__(self, tok: RustTokenizer) -> None:
+        self._tok = tok
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tok, token_id) or ""
+
+
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0-255, `<s>` = 256 (bos), `</s>` = 257 (eos); ids 258.. are unused."""
 
@@ -143,6 +173,9 @@ class ByteTokenizer(Tokenizer):
                 out.append("<s>" if i == self.BOS else "</s>")
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def stream(self) -> TextStream:
+        return _ByteStream()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -201,6 +234,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream(self) -> TextStream:
+        return _HFStream(self._tok)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
