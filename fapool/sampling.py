@@ -55,6 +55,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     tokens: list[int] = [0] * len(params)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy_rows) == len(params):  # the common case: no row gather, one sync
+        return logits.argmax(dim=-1).tolist()
     if greedy_rows:
         picks = logits[greedy_rows].argmax(dim=-1).tolist()
         for i, t in zip(greedy_rows, picks):
