@@ -64,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     pools = ints(args.pools)
     cfg = PRESETS[args.preset]
 
-    env = {"RAY_AUTH_MODE": "disabled"}
-    if args.triton_decode:
-        os.environ["FAPOOL_TRITON_DECODE"] = env["FAPOOL_TRITON_DECODE"] = "1"
-    connect(args.address, runtime_env={"env_vars": env})
+    if args.triton_decode:  # the cluster's actors get it from the controller's runtime_env
+        os.environ["FAPOOL_TRITON_DECODE"] = "1"
+    # No runtime_env here: inside `ray job submit` Ray refuses a driver's runtime_env that repeats
+    # the job's (env_vars included); a local cluster inherits this process's environment.
+    connect(args.address)
     on_gpu = args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     gpu_opts = {"num_gpus": 1} if on_gpu else {}
-    probe = ray.get(ray.remote(_probe).options(num_cpus=0, **gpu_opts).remote(args.device))
+    switches = {k: v for k, v in os.environ.items() if k.startswith("FAPOOL_")}  # as the cluster's actors get them
+    probe = ray.get(ray.remote(_probe).options(num_cpus=0, **gpu_opts,
+                                               **({"runtime_env": {"env_vars": switches}} if switches else {}))
+                    .remote(args.device))
     print(f"probe: {probe}", flush=True)
     result: dict = {
         "preset": args.preset, "card": probe["device"], "num_gpus": ray.cluster_resources().get("GPU", 0),

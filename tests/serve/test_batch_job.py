@@ -259,6 +259,31 @@ def test_batch_job_matches_local_engine(ray_head):
 
 
 @pytest.mark.slow
+def test_benchmark_runs_as_a_ray_job(ray_head):
+    """`ray job submit -- python -m bench.run`: pools 0 and 1 side by side, results as JSON."""
+    out_dir = Path(tempfile.mkdtemp(dir=ray_head["temp_dir"]))
+    cmd = [RAY, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"},
+                                             "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
+           "--", "python", "-m", "bench.run", "--preset", "tiny", "--device", "cpu", "--pools", "0,1",
+           "--contexts", "48", "--batches", "1,2", "--steps", "3", "--oversized", "0", "--no-hf", "--no-scaleup",
+           "--out", str(out_dir), "--name", "job"]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    result = json.loads((out_dir / "job.json").read_text())
+    assert result["preset"] == "tiny" and result["probe"]["copy_bytes_per_s"] > 0
+    decode = {(r["pool"], r["batch"]): r for r in result["decode"]}
+    assert set(decode) == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    assert all(r["tpot_s"] > 0 and r["floor_s"] > 0 for r in decode.values())
+    assert decode[(1, 2)]["pooled"] == 2 and decode[(0, 2)]["pooled"] == 0  # pool 1 really pooled them
+    assert [r["pool"] for r in result["prefill"]] == [0, 1] and result["prefill"][1]["pooled"] == 1
+    deadline = time.monotonic() + 30  # the benchmark shuts down the cluster actors it started
+    while (alive := alive_fapool_actors(ray_head["dashboard"])) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not alive
+
+
+@pytest.mark.slow
 def test_batch_job_joins_a_running_controller(ray_head):
     requests = [
         ({"id": "long", "prompt": LONG_TEXT, "max_tokens": 6, "ignore_eos": True},
