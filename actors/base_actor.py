@@ -54,7 +54,8 @@ class BaseActor:
         def make_executor(loaded, cache):
             kernel = select_kernel(loaded.device, cfg.engine.attention_kernel, dtype=loaded.dtype)
             self.executor = PooledAttention(
-                loaded.config, cache, kernel, cfg.policy, cfg.num_base_actors, cfg.pool_wait_s, cfg.profile
+                loaded.config, cache, kernel, cfg.policy, cfg.num_base_actors, cfg.pool_wait_s, cfg.profile,
+                base_id,
             )
             return self.executor
 

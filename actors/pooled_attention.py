@@ -33,7 +33,7 @@ from fapool.attention.triton_decode import merge_partials
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.kvcache import KVCache
+from fapool.kvcache import KVCache, RowAllocator
 from fapool.policy import PolicyConfig
 from fapool.profiling import PhaseTimer
 
@@ -46,7 +46,11 @@ class PoolFailure(RuntimeError):
 class PooledSeq:
     handle: int
     member_ids: tuple[int, ...]  # holders of parts 1..; part 0 is the base
-    rows: dict[int, int]  # member id -> KV rows it holds
+    starts: dict[int, int]  # member id -> first arena row of its shard there
+
+    @property
+    def key(self) -> str:
+        return f"h{self.handle}"
 
 
 class PooledAttention(AttentionExecutor):
@@ -59,6 +63,7 @@ class PooledAttention(AttentionExecutor):
         num_bases: int = 1,
         pool_wait_s: float = 30.0,
         profile: bool = False,
+        base_id: int = 0,
     ) -> None:
         self.cfg = cfg
         self.timer = PhaseTimer(cache.device, profile)
@@ -66,6 +71,7 @@ class PooledAttention(AttentionExecutor):
         self.cache, self.kernel = cache, kernel
         self.policy = policy
         self.num_bases = num_bases  # members' capacity is shared evenly between bases
+        self.base_id = base_id
         self.pool_wait_s = pool_wait_s
         self.plane: DataPlane | None = None
         self.spec = EpochSpec(0, ())
@@ -73,9 +79,11 @@ class PooledAttention(AttentionExecutor):
         self.pooled: dict[str, PooledSeq] = {}
         self.pooled_total = 0
         self.orphans: list[int] = []  # handles whose shards may survive on members: freed next epoch
+        # This base's share of each member's arena, placed from here: a shard never lands where
+        # the member has no contiguous room, and a member never has to refuse one.
+        self.shard_rows: dict[int, RowAllocator] = {}
         self._broken: str | None = None
         self.step_pooled = 0  # pooled sequences in the latest step
-        self.member_used: dict[int, int] = {}
         self._handles = itertools.count(1)
         self._deferred_since: dict[str, float] = {}
         self._batch: StepBatch | None = None
@@ -97,11 +105,17 @@ class PooledAttention(AttentionExecutor):
         """Retire the old group and adopt a new one. Returns pooled sequences that lost a holder."""
         self.retire_plane()
         self.spec, self.plane = spec, plane
-        if plane is not None and self.orphans:
-            # Shards of requests recomputed after a failure may survive on healthy members.
-            plane.send_header(OP_FREE, torch.tensor(self.orphans, dtype=torch.int64))
-            self.orphans = []
         alive = {m.member_id for m in spec.members}
+        if plane is not None:
+            if self.orphans:
+                # Shards of requests recomputed after a failure may survive on healthy members.
+                plane.send_header(OP_FREE, torch.tensor(self.orphans, dtype=torch.int64))
+                for rows in self.shard_rows.values():
+                    for handle in self.orphans:
+                        rows.free(f"h{handle}")
+                self.orphans = []
+            # Members gone from the group take this base's placements on them along.
+            self.shard_rows = {mid: rows for mid, rows in self.shard_rows.items() if mid in alive}
         return [sid for sid, p in self.pooled.items() if not set(p.member_ids) <= alive]
 
     def abandon(self) -> list[str]:
@@ -130,6 +144,13 @@ class PooledAttention(AttentionExecutor):
     def quota(self, m: MemberInfo) -> int:
         return m.capacity_tokens // self.num_bases
 
+    def rows_on(self, m: MemberInfo) -> RowAllocator:
+        """This base's share of member `m`'s arena: rows [base_id * quota, (base_id + 1) * quota)."""
+        rows = self.shard_rows.get(m.member_id)
+        if rows is None:
+            rows = self.shard_rows[m.member_id] = RowAllocator(self.quota(m))
+        return rows
+
     def max_seq_tokens(self) -> int:
         pooled = sum(self.quota(m) for m in self.active_members())
         return max(self.cache.capacity_tokens, self.cache.capacity_tokens + pooled)
@@ -142,7 +163,7 @@ class PooledAttention(AttentionExecutor):
         blocks = query_blocks(num_prompt, 1 + len(members))
         rows = [sum(e - s for s, e in b) for b in blocks]
         for m, r in zip(members, rows[1:]):
-            if self.member_used.get(m.member_id, 0) + r > self.quota(m):
+            if not self.rows_on(m).can_allocate(r):
                 return None
         if not self.cache.can_allocate(rows[0] + num_tokens - num_prompt):
             return None
@@ -165,10 +186,10 @@ class PooledAttention(AttentionExecutor):
             return
         members, rows = plan
         self.cache.allocate(seq_id, rows[0] + num_tokens - num_prompt)
-        held = {m.member_id: r for m, r in zip(members, rows[1:])}
-        for mid, r in held.items():
-            self.member_used[mid] = self.member_used.get(mid, 0) + r
-        self.pooled[seq_id] = PooledSeq(next(self._handles), tuple(held), held)
+        handle = next(self._handles)
+        starts = {m.member_id: self.base_id * self.quota(m) + self.rows_on(m).allocate(f"h{handle}", r)
+                  for m, r in zip(members, rows[1:])}
+        self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
         self.pooled_total += 1
 
     def free(self, seq_id: str) -> None:
@@ -177,16 +198,18 @@ class PooledAttention(AttentionExecutor):
         p = self.pooled.pop(seq_id, None)
         if p is None:
             return
-        for mid, r in p.rows.items():
-            self.member_used[mid] = self.member_used.get(mid, 0) - r
         if self.plane is None:
-            self.orphans.append(p.handle)
+            self.orphans.append(p.handle)  # its rows stay placed until the members hear of it
             return
         try:
             self.plane.send_header(OP_FREE, torch.tensor([p.handle], dtype=torch.int64))
         except Exception as e:  # noqa: BLE001 - raise at the next step, not amid this step's outputs
             self.orphans.append(p.handle)
             self._broken = f"freeing a shard failed: {e}"
+            return
+        for mid in p.member_ids:
+            if mid in self.shard_rows:
+                self.shard_rows[mid].free(p.key)
 
     # ---- the step --------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> None:
@@ -213,7 +236,8 @@ class PooledAttention(AttentionExecutor):
         seqs = [self.pooled[batch.slices[i].seq_id] for i in self._pooled_idx]
         if batch.kind == "prefill":
             items = [
-                PrefillItem(p.handle, batch.slices[i].num_tokens, (0, *map(self.rank_of, p.member_ids)))
+                PrefillItem(p.handle, batch.slices[i].num_tokens, (0, *map(self.rank_of, p.member_ids)),
+                            (0, *(p.starts[mid] for mid in p.member_ids)))
                 for i, p in zip(self._pooled_idx, seqs)
             ]
             self._items = items

@@ -3,7 +3,10 @@
 Each step the base broadcasts a header (op + int64 body), then one exchange per layer:
 
 PREFILL  body: n, then per sequence: handle, num_tokens, num_parts, rank of parts 1.. (part 0 is
-         the base). Rows split into query blocks by `query_blocks(num_tokens, num_parts)`.
+         the base), then the arena row where each of parts 1.. starts on its member: the base
+         places its shards itself (in its share of each member's arena), so a member never
+         refuses one for want of a contiguous region. Rows split into query blocks by
+         `query_blocks(num_tokens, num_parts)`.
          Per layer: base broadcasts [q | k | v] of all pooled tokens, (T, Hq + 2 Hkv, D); each
          member sends back its blocks' outputs, (R, Hq, D), and keeps its blocks' K, V as its shard.
 DECODE   body: n, then handles. Per layer: base broadcasts q, (M, Hq, D); then one gather to the
@@ -31,6 +34,10 @@ class PrefillItem:
     handle: int
     num_tokens: int
     ranks: tuple[int, ...]  # rank of each part; ranks[0] == 0 is the base
+    starts: tuple[int, ...] = ()  # arena row of each part's shard on its holder; starts[0] unused
+
+    def start_of(self, rank: int) -> int:
+        return self.starts[self.ranks.index(rank)]
 
     def ranges_of(self, rank: int) -> list[tuple[int, int]]:
         """Row ranges [start, end) this rank computes and keeps (none if it takes no part)."""
@@ -42,7 +49,8 @@ class PrefillItem:
 def encode_prefill(items: list[PrefillItem]) -> list[int]:
     body = [len(items)]
     for it in items:
-        body += [it.handle, it.num_tokens, len(it.ranks), *it.ranks[1:]]
+        assert len(it.starts) == len(it.ranks), "a start row for every part"
+        body += [it.handle, it.num_tokens, len(it.ranks), *it.ranks[1:], *it.starts[1:]]
     return body
 
 
@@ -51,8 +59,9 @@ def decode_prefill(body: list[int]) -> list[PrefillItem]:
     for _ in range(body[0]):
         handle, n, parts = body[i : i + 3]
         ranks = (0, *body[i + 3 : i + 2 + parts])
-        items.append(PrefillItem(handle, n, ranks))
-        i += 2 + parts
+        starts = (0, *body[i + 2 + parts : i + 1 + 2 * parts])
+        items.append(PrefillItem(handle, n, ranks, starts))
+        i += 1 + 2 * parts
     return items
 
 

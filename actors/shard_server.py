@@ -34,8 +34,12 @@ class ShardServer:
         self.phase_totals: dict[str, float] = {}
         self.handles: set[int] = set()  # shards this group created and has not freed
 
+    @property
+    def prefix(self) -> str:
+        return f"{self.base_id}:"
+
     def key(self, handle: int) -> str:
-        return f"{self.base_id}:{handle}"
+        return f"{self.prefix}{handle}"
 
     def drop_own(self) -> None:
         """Free the shards this group created: it broke, so its base prefills them again.
@@ -76,7 +80,8 @@ class ShardServer:
             rows = sum(e - s for s, e in ranges)
             if rows:
                 self.cache.free(self.key(it.handle))  # a recomputed sequence replaces its shard
-                self.cache.allocate(self.key(it.handle), rows).length = rows
+                # Where the base placed it: in the base's share of this arena, which it alone manages.
+                self.cache.place(self.key(it.handle), it.start_of(rank), rows, stale_prefix=self.prefix).length = rows
                 self.handles.add(it.handle)
         hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         qkv = torch.empty(total, hq + 2 * hkv, cfg.head_dim, dtype=self.cache.dtype, device=self.cache.device)

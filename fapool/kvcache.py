@@ -41,6 +41,58 @@ class KVSlab:
         return self.arena[layer, 1, self.start : self.start + length]
 
 
+class RowAllocator:
+    """First-fit regions of rows [0, capacity), merged when freed. Holds no tensor: the KV cache
+    runs one over its arena, and a base runs one per pool member to place its shards there."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted
+        self._held: dict[str, tuple[int, int]] = {}
+        self.reserved = 0
+
+    def can_allocate(self, num_rows: int) -> bool:
+        """Whether one contiguous region of `num_rows` rows is free."""
+        return any(length >= num_rows for _, length in self._free)
+
+    def allocate(self, key: str, num_rows: int) -> int:
+        """The start of a free region of `num_rows` rows, now held by `key`."""
+        i = next((i for i, (_, length) in enumerate(self._free) if length >= num_rows), None)
+        if i is None:
+            raise MemoryError(f"no {num_rows} contiguous rows free ({self.capacity - self.reserved} free in all)")
+        start = self._free[i][0]
+        self.place(key, start, num_rows)
+        return start
+
+    def place(self, key: str, start: int, num_rows: int) -> None:
+        """Hold rows [start, start + num_rows) for `key`; they must be free."""
+        assert key not in self._held, f"{key} already holds rows"
+        i = bisect.bisect(self._free, (start, float("inf"))) - 1
+        fs, fl = self._free[i] if i >= 0 else (0, 0)
+        if not (fs <= start and start + num_rows <= fs + fl):
+            raise ValueError(f"rows [{start}, {start + num_rows}) are not free; the placement overlaps a region in use")
+        self._free[i : i + 1] = [r for r in ((fs, start - fs), (start + num_rows, fs + fl - start - num_rows)) if r[1]]
+        self._held[key] = (start, num_rows)
+        self.reserved += num_rows
+
+    def free(self, key: str) -> tuple[int, int] | None:
+        """Release `key`'s rows (start, length); None if it held none."""
+        held = self._held.pop(key, None)
+        if held is None:
+            return None
+        self.reserved -= held[1]
+        i = bisect.bisect(self._free, (held[0], 0))
+        self._free.insert(i, held)
+        # Merge with the neighbours so free space stays in as few regions as possible.
+        if i + 1 < len(self._free) and self._free[i][0] + self._free[i][1] == self._free[i + 1][0]:
+            self._free[i] = (self._free[i][0], self._free[i][1] + self._free[i + 1][1])
+            del self._free[i + 1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == self._free[i][0]:
+            self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
+            del self._free[i]
+        return held
+
+
 class KVCache:
     """Owns the arena on one device and hands out regions (first fit, merged when freed)."""
 
@@ -52,9 +104,8 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         self._arena: torch.Tensor | None = None  # allocated at first use
-        self._free: list[tuple[int, int]] = [(0, capacity_tokens)]  # (start, length), sorted
+        self._rows = RowAllocator(capacity_tokens)
         self._slabs: dict[str, KVSlab] = {}
-        self.reserved_tokens = 0
         self._lock = threading.Lock()  # a pool member serves several bases from several threads
 
     @property
@@ -66,29 +117,44 @@ class KVCache:
         return self._arena
 
     @property
+    def reserved_tokens(self) -> int:
+        return self._rows.reserved
+
+    @property
     def free_tokens(self) -> int:
         return self.capacity_tokens - self.reserved_tokens
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether one contiguous region of `num_tokens` rows is free."""
         with self._lock:
-            return any(length >= num_tokens for _, length in self._free)
+            return self._rows.can_allocate(num_tokens)
 
     def allocate(self, seq_id: str, num_tokens: int) -> KVSlab:
         arena = self.arena
         with self._lock:
             assert seq_id not in self._slabs, f"sequence {seq_id} already has a slab"
-            i = next((i for i, (_, length) in enumerate(self._free) if length >= num_tokens), None)
-            if i is None:
-                raise MemoryError(f"KV cache full: {num_tokens} rows asked, {self.free_tokens} free")
-            start, length = self._free[i]
-            if length == num_tokens:
-                del self._free[i]
-            else:
-                self._free[i] = (start + num_tokens, length - num_tokens)
-            slab = KVSlab(arena, start, num_tokens)
-            self._slabs[seq_id] = slab
-            self.reserved_tokens += num_tokens
+            try:
+                start = self._rows.allocate(seq_id, num_tokens)
+            except MemoryError as e:
+                raise MemoryError(f"KV cache full: {e}") from None
+            slab = self._slabs[seq_id] = KVSlab(arena, start, num_tokens)
+        return slab
+
+    def place(self, seq_id: str, start: int, num_tokens: int, stale_prefix: str | None = None) -> KVSlab:
+        """A region at a start someone else chose (a base placing its shards on a pool member).
+        Slabs whose id starts with `stale_prefix` and overlap it are dropped first: the chooser
+        manages those rows, so what it places over is a shard it already gave up."""
+        arena = self.arena
+        with self._lock:
+            assert seq_id not in self._slabs, f"sequence {seq_id} already has a slab"
+            if stale_prefix is not None:
+                over = [k for k, b in self._slabs.items() if b.start < start + num_tokens and start < b.start + b.capacity]
+                if all(k.startswith(stale_prefix) for k in over):  # else refused below, nothing dropped
+                    for key in over:
+                        del self._slabs[key]
+                        self._rows.free(key)
+            self._rows.place(seq_id, start, num_tokens)
+            slab = self._slabs[seq_id] = KVSlab(arena, start, num_tokens)
         return slab
 
     def get(self, seq_id: str) -> KVSlab:
@@ -99,19 +165,8 @@ class KVCache:
 
     def free(self, seq_id: str) -> None:
         with self._lock:
-            slab = self._slabs.pop(seq_id, None)
-            if slab is None:
-                return
-            self.reserved_tokens -= slab.capacity
-            i = bisect.bisect(self._free, (slab.start, 0))
-            self._free.insert(i, (slab.start, slab.capacity))
-            # Merge with the neighbours so free space stays in as few regions as possible.
-            if i + 1 < len(self._free) and self._free[i][0] + self._free[i][1] == self._free[i + 1][0]:
-                self._free[i] = (self._free[i][0], self._free[i][1] + self._free[i + 1][1])
-                del self._free[i + 1]
-            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == self._free[i][0]:
-                self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
-                del self._free[i]
+            if self._slabs.pop(seq_id, None) is not None:
+                self._rows.free(seq_id)
 
     def seq_ids(self) -> list[str]:
         with self._lock:

@@ -6,6 +6,7 @@ import ray
 import torch
 
 from actors.config import ClusterConfig
+from actors.messages import GenerateRequest
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.policy import PolicyConfig, PoolCurve
 from tests.actors.conftest import wait_for
@@ -167,3 +168,41 @@ def test_warm_standby_joins_first_and_is_refilled(start_cluster):
     # Shrinking returns the drained member to standby when there is room, else stops it.
     wait_for(lambda: cluster.status().size == 0, timeout_s=30, what="the pool to shrink")
     assert cluster.status().standby == 1
+
+
+def test_a_fragmented_member_never_breaks_the_group(start_cluster):
+    """The base places its shards on a member itself, so it sees the member's holes: a shard that
+    fits the member's free rows in sum but in no one region runs elsewhere, instead of reaching
+    the member, failing there and breaking the group (a new epoch, every pooled request redone)."""
+    cfg = ClusterConfig(
+        engine=EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=4096),
+        policy=PolicyConfig(curve=PoolCurve.parse("16:1"), max_pool=1, cooldown_s=60.0),
+        member_kv_capacity_tokens=200, pool_wait_s=120.0,
+    )
+    cluster = start_cluster(cfg)
+    params = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    # A, B, C put 50 rows each on the member, in this order; aborting B leaves a hole: 100 rows
+    # free in all, 50 at most in one region.
+    ids = {name: prompt(100, 60 + i) for i, name in enumerate("ABC")}
+    results, threads = {}, []
+    for i, name in enumerate("ABC"):
+        req = GenerateRequest(f"frag-{name}", params, None, tuple(ids[name]))
+        t = threading.Thread(target=lambda n=name, r=req: results.update(
+            {n: [ev for ref in cluster.submit(r, cluster.bases[0]) for ev in ray.get(ref)]}))
+        t.start()
+        threads.append(t)
+        wait_for(lambda k=i + 1: pooled_total(cluster) >= k, what=f"request {name} to be pooled")
+    ray.get(cluster.bases[0].abort.remote("frag-B"))
+    threads[1].join(timeout=60)
+    assert results["B"][-1].finish_reason == "abort"
+    epoch = cluster.status().epoch
+    d = prompt(180, 63)  # wants 90 rows on the member
+    got_d = cluster.generate(None, GREEDY, prompt_token_ids=d)
+    [t.join(timeout=300) for t in threads]
+    ref = LLMEngine(EngineConfig(model="tiny", device="cpu"))
+    assert got_d.token_ids == ref.generate([d], GREEDY)[0].token_ids
+    for name in "AC":
+        tokens = [t for ev in results[name] for t in ev.token_ids]
+        assert tokens == list(ref.generate([ids[name]], params)[0].token_ids), name
+    assert cluster.status().epoch == epoch  # no group was broken and formed again
+    assert pooled_total(cluster) == 3  # D ran on the base alone

@@ -57,3 +57,32 @@ def test_merge_stacked_equals_the_tree():
     ref_o, ref_lse = merge_tree(parts)
     torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_row_allocator_places_where_told_and_refuses_overlaps():
+    from fapool.kvcache import RowAllocator
+
+    rows = RowAllocator(100)
+    assert rows.allocate("a", 30) == 0
+    rows.place("b", 50, 20)  # leaves free [30, 50) and [70, 100)
+    assert rows.can_allocate(30) and not rows.can_allocate(31)
+    with pytest.raises(ValueError, match=r"rows \[40, 60\) are not free"):
+        rows.place("c", 40, 20)
+    assert rows.allocate("c", 25) == 70 and rows.allocate("d", 20) == 30
+    assert rows.free("b") == (50, 20) and rows.reserved == 75
+    assert rows.free("b") is None
+    rows.free("d")
+    assert rows.allocate("e", 40) == 30  # the freed neighbours merged into one region
+
+
+def test_placing_over_a_stale_shard_of_the_same_owner_drops_it():
+    cache = KVCache(TINY, 64, torch.float32, torch.device("cpu"))
+    cache.place("0:1", 0, 16)
+    cache.place("1:7", 16, 16)
+    with pytest.raises(ValueError):  # without the owner's word, an overlap is refused
+        cache.place("0:2", 4, 8)
+    cache.place("0:2", 4, 8, stale_prefix="0:")  # base 0 gave up its shard 1 there
+    assert "0:1" not in cache and cache.get("0:2").start == 4 and cache.reserved_tokens == 24
+    with pytest.raises(ValueError):  # another base's shard is never dropped, nor the owner's then
+        cache.place("0:3", 10, 8, stale_prefix="0:")
+    assert "1:7" in cache and "0:2" in cache
