@@ -27,13 +27,14 @@ from actors.protocol import (
     encode_prefill,
     rows_of,
 )
+from actors.placement import ShardPlacement
 from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, prefill_block, query_blocks
 from fapool.attention.triton_decode import merge_partials
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.kvcache import KVCache, RowAllocator
+from fapool.kvcache import KVCache
 from fapool.policy import PolicyConfig
 from fapool.profiling import PhaseTimer
 
@@ -47,10 +48,6 @@ class PooledSeq:
     handle: int
     member_ids: tuple[int, ...]  # holders of parts 1..; part 0 is the base
     starts: dict[int, int]  # member id -> first arena row of its shard there
-
-    @property
-    def key(self) -> str:
-        return f"h{self.handle}"
 
 
 class PooledAttention(AttentionExecutor):
@@ -70,8 +67,7 @@ class PooledAttention(AttentionExecutor):
         self.local = LocalAttention(cache, kernel, self.timer)
         self.cache, self.kernel = cache, kernel
         self.policy = policy
-        self.num_bases = num_bases  # members' capacity is shared evenly between bases
-        self.base_id = base_id
+        self.placement = ShardPlacement(base_id, num_bases)  # members' arenas shared evenly between bases
         self.pool_wait_s = pool_wait_s
         self.plane: DataPlane | None = None
         self.spec = EpochSpec(0, ())
@@ -79,9 +75,6 @@ class PooledAttention(AttentionExecutor):
         self.pooled: dict[str, PooledSeq] = {}
         self.pooled_total = 0
         self.orphans: list[int] = []  # handles whose shards may survive on members: freed next epoch
-        # This base's share of each member's arena, placed from here: a shard never lands where
-        # the member has no contiguous room, and a member never has to refuse one.
-        self.shard_rows: dict[int, RowAllocator] = {}
         self._broken: str | None = None
         self.step_pooled = 0  # pooled sequences in the latest step
         self._handles = itertools.count(1)
@@ -110,12 +103,9 @@ class PooledAttention(AttentionExecutor):
             if self.orphans:
                 # Shards of requests recomputed after a failure may survive on healthy members.
                 plane.send_header(OP_FREE, torch.tensor(self.orphans, dtype=torch.int64))
-                for rows in self.shard_rows.values():
-                    for handle in self.orphans:
-                        rows.free(f"h{handle}")
+                self.placement.release(self.orphans)
                 self.orphans = []
-            # Members gone from the group take this base's placements on them along.
-            self.shard_rows = {mid: rows for mid, rows in self.shard_rows.items() if mid in alive}
+            self.placement.keep_only(alive)
         return [sid for sid, p in self.pooled.items() if not set(p.member_ids) <= alive]
 
     def abandon(self) -> list[str]:
@@ -141,18 +131,8 @@ class PooledAttention(AttentionExecutor):
         return counts
 
     # ---- capacity --------------------------------------------------------------------------
-    def quota(self, m: MemberInfo) -> int:
-        return m.capacity_tokens // self.num_bases
-
-    def rows_on(self, m: MemberInfo) -> RowAllocator:
-        """This base's share of member `m`'s arena: rows [base_id * quota, (base_id + 1) * quota)."""
-        rows = self.shard_rows.get(m.member_id)
-        if rows is None:
-            rows = self.shard_rows[m.member_id] = RowAllocator(self.quota(m))
-        return rows
-
     def max_seq_tokens(self) -> int:
-        pooled = sum(self.quota(m) for m in self.active_members())
+        pooled = sum(self.placement.quota(m) for m in self.active_members())
         return max(self.cache.capacity_tokens, self.cache.capacity_tokens + pooled)
 
     def _plan(self, num_prompt: int, num_tokens: int) -> tuple[list[MemberInfo], list[int]] | None:
@@ -162,9 +142,8 @@ class PooledAttention(AttentionExecutor):
             return None
         blocks = query_blocks(num_prompt, 1 + len(members))
         rows = [sum(e - s for s, e in b) for b in blocks]
-        for m, r in zip(members, rows[1:]):
-            if not self.rows_on(m).can_allocate(r):
-                return None
+        if not self.placement.fits(members, rows[1:]):
+            return None
         if not self.cache.can_allocate(rows[0] + num_tokens - num_prompt):
             return None
         return members, rows
@@ -187,8 +166,7 @@ class PooledAttention(AttentionExecutor):
         members, rows = plan
         self.cache.allocate(seq_id, rows[0] + num_tokens - num_prompt)
         handle = next(self._handles)
-        starts = {m.member_id: self.base_id * self.quota(m) + self.rows_on(m).allocate(f"h{handle}", r)
-                  for m, r in zip(members, rows[1:])}
+        starts = self.placement.place(handle, members, rows[1:])
         self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
         self.pooled_total += 1
 
@@ -207,9 +185,7 @@ class PooledAttention(AttentionExecutor):
             self.orphans.append(p.handle)
             self._broken = f"freeing a shard failed: {e}"
             return
-        for mid in p.member_ids:
-            if mid in self.shard_rows:
-                self.shard_rows[mid].free(p.key)
+        self.placement.release([p.handle])
 
     # ---- the step --------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> None:
