@@ -31,6 +31,11 @@ class Target:
     detail: str
 
 
+def host_share(r: dict) -> str:
+    host = (r.get("phases") or {}).get("host_launch")
+    return f"{host / r['tpot_s']:.0%}" if host is not None and r.get("tpot_s") else NM
+
+
 def find(rows: list[dict] | None, **match) -> dict | None:
     return next((r for r in rows or [] if all(r.get(k) == v for k, v in match.items())), None)
 
@@ -123,7 +128,8 @@ def measured_tables(result: dict) -> list[str]:
            for r in result.get("prefill") or []]
     dec = [[r["pool"], r["context"], r["batch"], ms(r["tpot_s"]), ms(r["floor_s"]), times(r["tpot_s"] / r["floor_s"]),
             f"{r['tps']:.0f}", times(r.get("speedup_vs_pool0")),
-            f"{r['comm_sync_fraction']:.1%}" if r["pool"] and r.get("comm_sync_fraction") is not None else "–"]
+            f"{r['comm_sync_fraction']:.1%}" if r["pool"] and r.get("comm_sync_fraction") is not None else "–",
+            host_share(r)]
            for r in result.get("decode") or []]
     over = [[r["pool"], r["context"], r["batch"], r["max_concurrent"], f"{r['decode_tps']:.0f}",
              f"{r['e2e_tps']:.0f}" if "e2e_tps" in r else NM]
@@ -137,7 +143,9 @@ def measured_tables(result: dict) -> list[str]:
     return ["### Prefill", "",
             *table(["pool", "context", "TTFT ms", "floor ms", "x floor", "vs pool 0", "vs transformers"], pre),
             "### Decode", "", *table(["pool", "context", "batch", "TPOT ms", "floor ms", "x floor", "TPS", "vs pool 0",
-                                      "comm+sync %"], dec),
+                                      "comm+sync %", "host launch %"], dec),
+            "host launch: host time to enqueue a step's GPU work, as a share of the step; near 100% the "
+            "host, not the GPU, sets the pace.", "",
             "### Oversized batch (more KV than one GPU holds)", "",
             *table(["pool", "context", "batch", "max concurrent", "decode TPS", "end-to-end TPS"], over),
             "### Scale-up", "", *table(["members", "standby", "seconds to first pooled step", "seconds to scale event", "note"], scale),
