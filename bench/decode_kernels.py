@@ -53,7 +53,7 @@ def measure(batch: int, ctx: int, heads: int = 32, kv_heads: int = 32, d: int = 
         plan = kernel.varlen_plan(starts, lengths, kv_heads, dev)
         row["sdpa_fallback_s"] = _time(lambda: kernel.decode_varlen(q, ka, va, starts, lengths, plan=plan))
     finally:
-        triton_decode._disabled.clear()
+        triton_decode.reenable()
     kd = torch.stack([ka[s : s + ctx] for s in starts]).transpose(1, 2).contiguous()  # (B, H, S, D)
     vd = torch.stack([va[s : s + ctx] for s in starts]).transpose(1, 2).contiguous()
     row["cudnn_dense_s"] = _time(lambda: cudnn_op(q.unsqueeze(2), kd, vd, False, d**-0.5))

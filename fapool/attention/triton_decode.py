@@ -63,6 +63,11 @@ def disable(reason: str) -> None:
     _disabled[:] = [reason]
 
 
+def reenable() -> None:
+    """Undo :func:`disable` (the benchmark measures the fallback, then the kernel again)."""
+    _disabled.clear()
+
+
 @functools.lru_cache(maxsize=8)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
