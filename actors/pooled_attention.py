@@ -206,6 +206,14 @@ class PooledAttention(AttentionExecutor):
             self._pool_plan = self.local.region_plan([b.start + b.length for b in slabs],
                                                      [b.start for b in slabs], [b.length + 1 for b in slabs])
             self._pool_rows = torch.tensor(self._pooled_idx, device=dev)
+            if self._pooled_idx and self.plane is not None:
+                # The exchange buffers of every layer (each layer's gather has finished on the
+                # stream before the next layer writes them again).
+                cfg = self.cfg
+                self._layout = PartLayout(len(self._pooled_idx), cfg.num_attention_heads, cfg.head_dim,
+                                          self.cache.dtype)
+                self._mine = self._layout.empty(1, dev)
+                self._parts = self._layout.empty(self.plane.world_size, dev)
         if not self._pooled_idx:
             return
         assert self.plane is not None, "pooled sequences without a data plane"
@@ -292,8 +300,7 @@ class PooledAttention(AttentionExecutor):
         qp = q[idx]  # (M, Hq, D), contiguous
         # The base's own part does not wait for the broadcast to leave: it overlaps the transfer.
         sent = self._guard(lambda: plane.broadcast(qp, wait=False))
-        layout = PartLayout(qp.shape[0], qp.shape[1], qp.shape[2], qp.dtype)
-        mine, parts = layout.empty(1, q.device), layout.empty(plane.world_size, q.device)
+        layout, mine, parts = self._layout, self._mine, self._parts
         with self.timer.phase("attention"):
             base_o, base_lse = self.local.attend_decode(layer, self._pool_plan, qp, k[idx], v[idx])
             o_view, lse_view = layout.views(mine)

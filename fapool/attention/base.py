@@ -74,7 +74,9 @@ class AttentionKernel(ABC):
         once per step; otherwise one :meth:`forward` per sequence.
         """
         if plan is None and q.is_cuda:
-            plan = self.varlen_plan(starts, lengths, k_arena.shape[1], q.device)
+            # The split plan only: a subclass's varlen_plan may build its own op's plan (and copy
+            # it to the GPU) for nothing here.
+            plan = self._split_plan(starts, lengths, k_arena.shape[1], q.device)
         if isinstance(plan, SplitPlan):
             try:
                 return decode_split_kv(q, k_arena, v_arena, plan, scale or q.shape[-1] ** -0.5)
@@ -91,6 +93,11 @@ class AttentionKernel(ABC):
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
                     device: torch.device) -> object | None:
         """Per-step metadata for :meth:`decode_varlen`: the Triton split plan where it runs."""
+        return self._split_plan(starts, lengths, num_kv_heads, device)
+
+    @staticmethod
+    def _split_plan(starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
+                    device: torch.device) -> SplitPlan | None:
         if starts and min(lengths) >= 1 and triton_decode_reason(device) is None:
             return SplitPlan.build(starts, lengths, num_kv_heads, device)
         return None

@@ -138,7 +138,7 @@ class SdpaCudnnKernel(AttentionKernel):
         """Device-side metadata for :meth:`decode_varlen`, built once per step (building it per
         layer would synchronise the host with the GPU four times a step): the Triton split-KV
         plan where Triton runs, else the varlen flash op's."""
-        split = super().varlen_plan(starts, lengths, num_kv_heads, device)
+        split = self._split_plan(starts, lengths, num_kv_heads, device)
         if split is not None:
             return split
         if (not self._varlen_ok or device.type != "cuda" or len(starts) < 2 or min(lengths) < 1

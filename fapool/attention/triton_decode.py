@@ -78,7 +78,7 @@ class SplitPlan:
     """A decode batch's regions as device tensors plus the chunking, made once per step."""
 
     starts: Tensor  # (B,) int64
-    lengths: Tensor  # (B,) int32
+    lengths: Tensor  # (B,) int64
     max_len: int
     chunk: int  # keys per program, a multiple of BLOCK_N
     splits: int  # chunks of the longest sequence
@@ -97,7 +97,7 @@ class SplitPlan:
         splits = -(-max_len // chunk)
         host = torch.tensor([*starts, *lengths], dtype=torch.int64)
         dev = host.to(device)
-        return cls(dev[:b], dev[b:].to(torch.int32), max_len, chunk, splits)
+        return cls(dev[:b], dev[b:], max_len, chunk, splits)
 
 
 def decode_split_kv(q: Tensor, k_arena: Tensor, v_arena: Tensor, plan: SplitPlan, scale: float) -> tuple[Tensor, Tensor]:
