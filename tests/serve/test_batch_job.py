@@ -72,18 +72,23 @@ def alive_fapool_actors(dashboard):
     return [a["class_name"] for a in json.loads(text) if a["class_name"] in names]
 
 
+def ray_job(head, module, *args):
+    """`ray job submit -- python -m module args` on the head, with this repository as working dir."""
+    cmd = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({
+               "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"},
+               "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
+           "--", "python", "-m", module, *args]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
 def submit(head, lines, *flags):
     """Run one batch job through `ray job submit`; returns (summary, output records, seconds)."""
     in_path = Path(tempfile.mkstemp(suffix=".jsonl", dir=head["temp_dir"])[1])
     out_path = in_path.with_suffix(".out.jsonl")
     in_path.write_text("\n".join(lines) + "\n")
-    cmd = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({
-               "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"},
-               "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
-           "--", "python", "-m", "serve.batch", "--input", str(in_path), "--output", str(out_path), *flags]
     t0 = time.monotonic()
-    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    res = ray_job(head, "serve.batch", "--input", str(in_path), "--output", str(out_path), *flags)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-6000:]
     summaries = re.findall(r"SUMMARY (\{.*\})", log)
@@ -262,13 +267,9 @@ def test_batch_job_matches_local_engine(ray_head):
 def test_benchmark_runs_as_a_ray_job(ray_head):
     """`ray job submit -- python -m bench.run`: pools 0 and 1 side by side, results as JSON."""
     out_dir = Path(tempfile.mkdtemp(dir=ray_head["temp_dir"]))
-    cmd = [RAY, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"},
-                                             "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
-           "--", "python", "-m", "bench.run", "--preset", "tiny", "--device", "cpu", "--pools", "0,1",
-           "--contexts", "48", "--batches", "1,2", "--steps", "3", "--oversized", "0", "--no-hf", "--no-scaleup",
-           "--out", str(out_dir), "--name", "job"]
-    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    res = ray_job(ray_head, "bench.run", "--preset", "tiny", "--device", "cpu", "--pools", "0,1",
+                  "--contexts", "48", "--batches", "1,2", "--steps", "3", "--oversized", "0", "--no-hf",
+                  "--no-scaleup", "--out", str(out_dir), "--name", "job")
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     result = json.loads((out_dir / "job.json").read_text())
     assert result["preset"] == "tiny" and result["probe"]["copy_bytes_per_s"] > 0
