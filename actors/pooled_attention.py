@@ -13,6 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from actors.messages import EpochSpec, MemberInfo
@@ -34,7 +35,7 @@ from fapool.attention.triton_decode import merge_partials
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.kvcache import KVCache
+from fapool.paged_cache import PagedKVCache
 from fapool.policy import PolicyConfig
 from fapool.profiling import PhaseTimer
 
@@ -54,7 +55,7 @@ class PooledAttention(AttentionExecutor):
     def __init__(
         self,
         cfg: ModelConfig,
-        cache: KVCache,
+        cache: PagedKVCache,
         kernel: AttentionKernel,
         policy: PolicyConfig,
         num_bases: int = 1,
@@ -133,7 +134,8 @@ class PooledAttention(AttentionExecutor):
     # ---- capacity --------------------------------------------------------------------------
     def max_seq_tokens(self) -> int:
         pooled = sum(self.placement.quota(m) for m in self.active_members())
-        return max(self.cache.capacity_tokens, self.cache.capacity_tokens + pooled)
+        return max(self.local.max_seq_tokens(), self.cache.capacity_tokens + pooled) if pooled \
+            else self.local.max_seq_tokens()
 
     def _plan(self, num_prompt: int, num_tokens: int) -> tuple[list[MemberInfo], list[int]] | None:
         """Members for parts 1.. and the rows of every part, if they all fit now."""
@@ -144,7 +146,7 @@ class PooledAttention(AttentionExecutor):
         rows = [sum(e - s for s, e in b) for b in blocks]
         if not self.placement.fits(members, rows[1:]):
             return None
-        if not self.cache.can_allocate(rows[0] + num_tokens - num_prompt):
+        if not self.cache.can_allocate(rows[0] + 1):
             return None
         return members, rows
 
@@ -155,7 +157,7 @@ class PooledAttention(AttentionExecutor):
             since = self._deferred_since.setdefault(seq_id, time.monotonic())
             if time.monotonic() - since < self.pool_wait_s:
                 return False
-        return self._plan(num_prompt, num_tokens) is not None or self.cache.can_allocate(num_tokens)
+        return self._plan(num_prompt, num_tokens) is not None or self.cache.can_allocate(num_prompt)
 
     def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
         self._deferred_since.pop(seq_id, None)
@@ -164,11 +166,23 @@ class PooledAttention(AttentionExecutor):
             self.local.allocate(seq_id, num_prompt, num_tokens)
             return
         members, rows = plan
-        self.cache.allocate(seq_id, rows[0] + num_tokens - num_prompt)
+        self.cache.allocate(seq_id, rows[0])  # the base's own rows; generated tokens add pages
         handle = next(self._handles)
         starts = self.placement.place(handle, members, rows[1:])
         self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
         self.pooled_total += 1
+
+    def grow(self, seq_id: str, num_new: int) -> bool:
+        return self.local.grow(seq_id, num_new)
+
+    def prefill_whole(self, seq_id: str) -> bool:
+        return seq_id in self.pooled
+
+    def graph_safe(self, batch: StepBatch) -> bool:
+        return not any(s.seq_id in self.pooled for s in batch.slices)
+
+    def kv_usage(self) -> tuple[int, int]:
+        return self.local.kv_usage()
 
     def free(self, seq_id: str) -> None:
         self._deferred_since.pop(seq_id, None)
@@ -197,14 +211,19 @@ class PooledAttention(AttentionExecutor):
         self._pooled_idx = [i for i, s in enumerate(batch.slices) if s.seq_id in self.pooled]
         self.step_pooled = len(self._pooled_idx)
         self._local_idx = [i for i, s in enumerate(batch.slices) if s.seq_id not in self.pooled]
+        dev = self.cache.device
+        local = [batch.slices[i] for i in self._local_idx]
+        self._local_plan = self.local.rows_plan([s.seq_id for s in local], [s.start for s in local],
+                                                [s.end for s in local]) if local else None
+        # The flat token rows of the local sequences (one a sequence at decode).
+        offs = self._offsets
+        self._local_rows = torch.tensor([t for i in self._local_idx for t in range(offs[i], offs[i + 1])],
+                                        dtype=torch.long).to(dev)
         if batch.kind == "decode":
-            dev = self.cache.device
-            self._local_plan = self.local.decode_plan([batch.slices[i] for i in self._local_idx])
-            self._local_rows = torch.tensor(self._local_idx, device=dev)
-            slabs = [self.cache.get(batch.slices[i].seq_id) for i in self._pooled_idx]
-            # A pooled sequence's base region holds its prefill part, then every generated token.
-            self._pool_plan = self.local.region_plan([b.start + b.length for b in slabs],
-                                                     [b.start for b in slabs], [b.length + 1 for b in slabs])
+            ids = [batch.slices[i].seq_id for i in self._pooled_idx]
+            lens = [self.cache.get(sid).length for sid in ids]
+            # A pooled sequence's base rows hold its prefill part, then every generated token.
+            self._pool_plan = self.local.rows_plan(ids, lens, [n + 1 for n in lens]) if ids else None
             self._pool_rows = torch.tensor(self._pooled_idx, device=dev)
             if self._pooled_idx and self.plane is not None:
                 # The exchange buffers of every layer (each layer's gather has finished on the
@@ -225,6 +244,13 @@ class PooledAttention(AttentionExecutor):
                 for i, p in zip(self._pooled_idx, seqs)
             ]
             self._items = items
+            # Where the base's own rows of each pooled prompt go: its blocks, in order.
+            toks = [self._offsets[i] + t for i, it in zip(self._pooled_idx, items)
+                    for s, e in it.ranges_of(0) for t in range(s, e)]
+            slots = [self.cache.slots(p.seq_id, 0, rows_of([it], 0)) for p, it in
+                     zip((batch.slices[i] for i in self._pooled_idx), items)]
+            self._base_tok = torch.tensor(toks, dtype=torch.long).to(dev)
+            self._base_slots = torch.from_numpy(np.concatenate(slots)).to(dev)
             body = [*encode_prefill(items)]
             op = OP_PREFILL
         else:
@@ -235,18 +261,12 @@ class PooledAttention(AttentionExecutor):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self._batch is not None
         out = torch.empty_like(q)
-        slices, offs = self._batch.slices, self._offsets
         pending = self._exchange(layer, q, k, v, out) if self._pooled_idx else None
         # Local sequences overlap with the members' work.
         with self.timer.phase("attention"):
-            if self._batch.kind == "decode" and self._local_idx:
+            if self._local_plan is not None:
                 rows = self._local_rows
-                o, _ = self.local.attend_decode(layer, self._local_plan, q[rows], k[rows], v[rows])
-                out[rows] = o
-            elif self._batch.kind == "prefill":
-                for i in self._local_idx:
-                    lo, hi = offs[i], offs[i + 1]
-                    out[lo:hi] = self.local.attend_slice(layer, slices[i], q[lo:hi], k[lo:hi], v[lo:hi])
+                out[rows] = self.local.attend_rows(layer, self._local_plan, q[rows], k[rows], v[rows])[0]
         if pending is not None:
             self._guard(pending)
         return out
@@ -274,12 +294,10 @@ class PooledAttention(AttentionExecutor):
         with self.timer.phase("attention"):
             for i, it in zip(self._pooled_idx, self._items):
                 lo = offs[i]
-                slab, row = self.cache.get(slices[i].seq_id), 0
                 for s, e in it.ranges_of(0):
                     o, _lse = prefill_block(self.kernel, q[lo + s : lo + e], k[lo : lo + e], v[lo : lo + e])
                     out[lo + s : lo + e] = o
-                    slab.write(layer, row, k[lo + s : lo + e], v[lo + s : lo + e])
-                    row += e - s
+            self.cache.write(layer, self._base_slots, k[self._base_tok], v[self._base_tok])
 
         def finish() -> None:
             with self.timer.phase("pool_wait"):
@@ -302,7 +320,7 @@ class PooledAttention(AttentionExecutor):
         sent = self._guard(lambda: plane.broadcast(qp, wait=False))
         layout, mine, parts = self._layout, self._mine, self._parts
         with self.timer.phase("attention"):
-            base_o, base_lse = self.local.attend_decode(layer, self._pool_plan, qp, k[idx], v[idx])
+            base_o, base_lse = self.local.attend_rows(layer, self._pool_plan, qp, k[idx], v[idx])
             o_view, lse_view = layout.views(mine)
             o_view[0].copy_(base_o)
             lse_view[0].copy_(base_lse)

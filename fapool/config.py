@@ -180,7 +180,26 @@ PAPER = ModelConfig(
     dtype="bfloat16",
 )
 
-PRESETS = {"tiny": TINY, "paper": PAPER}
+# What users actually serve: Llama-3.1-8B's shape (32 layers, GQA 32/8, 128K vocabulary), random
+# weights. Eight times the paper model's layers, so per-layer host costs show eight times over.
+LLAMA8B = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    bos_token_id=256,
+    eos_token_ids=(257,),
+    dtype="bfloat16",
+)
+
+PRESETS = {"tiny": TINY, "paper": PAPER, "llama8b": LLAMA8B}
 
 
 @dataclass(frozen=True)
@@ -193,7 +212,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_capacity_tokens: int | None = None  # None: from free device memory (a fixed default on CPU)
     max_num_seqs: int = 64  # running sequences at most
-    max_prefill_tokens: int = 16384  # prompt tokens per prefill step (one longer prompt runs alone)
+    # Prompt tokens per step beside the decodes (chunked prefill): a long prompt is prefilled a
+    # chunk a step, so running streams wait at most one chunk's time for their next token.
+    max_prefill_tokens: int = 2048
+    page_size: int | None = None  # KV rows per page; None: 128 on CUDA (flash-attn-4's tile), 16 on CPU
     attention_kernel: str = "auto"  # auto | reference | sdpa | flash4 | flash2
     cuda_graphs: bool = True  # replay decode steps' non-attention work as CUDA graphs (CUDA only)
     seed: int = 0  # weights of the random presets

@@ -16,14 +16,16 @@ from fapool.batch import StepBatch
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.graphs import DecodeGraphs
-from fapool.kvcache import KVCache, capacity_from_memory
+from fapool.kvcache import capacity_from_memory
+from fapool.paged_cache import PagedKVCache
 from fapool.loader import LoadedModel, load_model
 from fapool.output import OutputProcessor
 from fapool.sampling import SamplingParams, make_generator, sample
 from fapool.scheduler import Scheduler
 from fapool.sequence import Completion, RequestOutput, Sequence
+from fapool.step_graph import PagedDecodeGraphs
 
-ExecutorFactory = Callable[[LoadedModel, KVCache], AttentionExecutor]
+ExecutorFactory = Callable[[LoadedModel, PagedKVCache], AttentionExecutor]
 
 
 class LLMEngine:
@@ -41,14 +43,21 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         # The arena takes its share up front: leave room for a long prefill's activations.
         capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev, 0.75)
-        self.cache = KVCache(cfg, capacity, self.loaded.dtype, dev)
+        page = config.page_size or (128 if dev.type == "cuda" else 16)
+        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len)
         if executor_factory is None:
             kernel = select_kernel(dev, config.attention_kernel, dtype=self.loaded.dtype)
             self.executor: AttentionExecutor = LocalAttention(self.cache, kernel)
         else:
             self.executor = executor_factory(self.loaded, self.cache)
+        self.kernel = getattr(self.executor, "kernel", None)
         self.scheduler = Scheduler(self.executor, config.max_num_seqs, config.max_prefill_tokens)
-        self.graphs = DecodeGraphs(self.model, dev, self.loaded.dtype) if config.cuda_graphs and dev.type == "cuda" else None
+        graphs = config.cuda_graphs and dev.type == "cuda"
+        # The whole decode step in one graph where the kernel reads pages itself; otherwise the
+        # non-attention work in graphs, attention eager between them.
+        self.step_graphs = (PagedDecodeGraphs(self.model, self.cache, self.kernel, config.max_num_seqs)
+                            if graphs and self.kernel is not None and self.kernel.paged_in_graph else None)
+        self.graphs = DecodeGraphs(self.model, dev, self.loaded.dtype) if graphs else None
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
@@ -119,7 +128,7 @@ class LLMEngine:
 
     # ---- the token loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; report what each request in it gained."""
+        """Run one step (decodes and prompt chunks); report what each request in it gained."""
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled is None:
@@ -127,38 +136,67 @@ class LLMEngine:
             return []
         batch, seqs = scheduled
         self.last_batch = batch
-        dev = self.loaded.device
-        flat: list[int] = []
-        positions: list[int] = []
-        for seq, s in zip(seqs, batch.slices):
-            flat += seq.pending_ids()
-            positions += range(s.start, s.end)
-        # One host-to-device copy for both.
-        input_ids, pos = torch.tensor([flat, positions], dtype=torch.long).to(dev, non_blocking=True).unbind(0)
         # A failure inside the step (a lost pool member) propagates before end_step: nothing of
         # the step is committed, and the scheduler can run it again.
         self.executor.begin_step(batch)
-        if batch.kind == "decode" and self.graphs is not None and self.graphs.bucket(len(seqs)):
-            hidden = self.graphs.run(input_ids, pos, self.executor.attend)
+        n = len(seqs)
+        if batch.kind == "decode" and self.step_graphs is not None and self.step_graphs.bucket(n) \
+                and self.executor.graph_safe(batch):
+            logits = self.step_graphs.run([seq.token_slice(s.start, s.end)[0] for seq, s in zip(seqs, batch.slices)],
+                                          batch.slices)
+            sampled = list(range(n))
         else:
-            hidden = self.model(input_ids, pos, self.executor)
+            logits, sampled = self._forward(batch, seqs)
         self.executor.end_step()
-        # At decode every row is its sequence's last token: no gather needed.
-        last = hidden[: len(seqs)] if batch.kind == "decode" else hidden[batch.last_token_indices()]
-        logits = self.model.logits(last)
         # Host time to enqueue the step: near the step's wall time means the host, not the GPU,
         # sets the pace (the benchmark reports it).
         self.last_launch_s = time.perf_counter() - t0
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
+        for seq, s in zip(seqs, batch.slices):
+            seq.num_cached = s.end
         now = time.monotonic()
         results = []
-        for seq, s, tok in zip(seqs, batch.slices, tokens):
-            seq.num_cached = s.end
+        for i, tok in zip(sampled, tokens):
+            seq = seqs[i]
             out = self.outputs.append(seq, tok, now)
             if out.finished:
                 self.scheduler.finish(seq)
             results.append(out)
         return results
+
+    def _forward(self, batch: StepBatch, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """The eager step (segment graphs at decode): logits of the rows that sample, and which
+        sequences those are (a prompt chunk that does not reach the end samples nothing)."""
+        flat: list[int] = []
+        positions: list[int] = []
+        for seq, s in zip(seqs, batch.slices):
+            flat += seq.token_slice(s.start, s.end)
+            positions += range(s.start, s.end)
+        # One host-to-device copy for both.
+        input_ids, pos = torch.tensor([flat, positions], dtype=torch.long).to(self.loaded.device,
+                                                                             non_blocking=True).unbind(0)
+        if batch.kind == "decode" and self.graphs is not None and self.graphs.bucket(len(seqs)):
+            hidden = self.graphs.run(input_ids, pos, self.executor.attend)
+        else:
+            hidden = self.model(input_ids, pos, self.executor)
+        if batch.kind == "decode":  # every row is its sequence's last token: no gather needed
+            return self.model.logits(hidden[: len(seqs)]), list(range(len(seqs)))
+        ends = batch.offsets()[1:]
+        sampled = [i for i, (seq, s) in enumerate(zip(seqs, batch.slices)) if s.end == seq.length]
+        return self.model.logits(hidden[[ends[i] - 1 for i in sampled]]), sampled
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile kernels and capture graphs before the first request, so it costs what the
+        tenth does: every decode bucket's graph, and prefills of a few lengths."""
+        if self.step_graphs is not None:
+            self.step_graphs.capture_all()
+        for n in (1, 7, 100, 1000):
+            if n + 1 <= self.max_model_len and self.cache.can_allocate(n + 1):
+                rid = self.add_request(None, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                       prompt_token_ids=[0] * n, request_id=f"warmup-{n}")
+                while self.scheduler.find(rid) is not None:
+                    self.step()
 
     def generate(
         self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()

@@ -1,40 +1,43 @@
 """The attention seam between the model and where attention runs.
 
 The model calls `attend(layer, q, k, v)` for every layer; an executor stores the new K, V and
-returns the attention output. `LocalAttention` does both on the engine's own device; the pool's
-executor (in `actors/`) keeps short sequences local and fans long ones out to pool members.
+returns the attention output. `LocalAttention` does both on the engine's own device over its
+paged KV cache; the pool's executor (in `actors/`) keeps short sequences local and fans long ones
+out to pool members.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fapool.attention import AttentionKernel
-from fapool.batch import SeqSlice, StepBatch
-from fapool.kvcache import KVCache
+from fapool.attention.paged import PagedPlan
+from fapool.batch import StepBatch
+from fapool.paged_cache import PagedKVCache
 from fapool.profiling import PhaseTimer
 
 
 @dataclass(frozen=True)
-class DecodePlan:
-    """Arena coordinates of a decode batch: the row each new token goes to, and each sequence's
-    region (start, filled length including the new token)."""
+class RowsPlan:
+    """Rows [start, end) of some sequences, written this step, each sequence then attending over
+    its rows [0, end): the arena slot of every new row and the paged kernel's plan."""
 
-    rows: torch.Tensor  # (B,) int64 on the cache's device
-    starts: list[int]
-    lengths: list[int]
-    kernel_plan: object | None = None  # the kernel's varlen metadata, made once per step
+    slots: torch.Tensor  # (N,) int64 on the device
+    paged: PagedPlan
+    decode: bool  # one new row per sequence
 
 
 class AttentionExecutor(ABC):
     """Owns the KV of running sequences and computes their attention.
 
-    Contract: `allocate` reserves room for a sequence's whole life before its prefill; `begin_step`
-    announces the batch whose tokens the following `attend` calls carry (flat, in batch order);
-    `end_step` closes it (the new tokens are then cached); `free` releases a finished sequence.
+    Contract: `allocate` takes room for a sequence's prompt before its prefill; `grow` takes room
+    for more rows before a step that adds them (False: no room now, the scheduler preempts);
+    `begin_step` announces the batch whose tokens the following `attend` calls carry (flat, in
+    batch order); `end_step` closes it (the new tokens are then cached); `free` releases a
+    finished or preempted sequence.
     """
 
     @abstractmethod
@@ -43,13 +46,26 @@ class AttentionExecutor(ABC):
 
     @abstractmethod
     def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        """Whether a sequence of `num_prompt` tokens to prefill, `num_tokens` in all, fits now."""
+        """Whether a sequence of `num_prompt` tokens to prefill, `num_tokens` at most, can start now."""
 
     @abstractmethod
     def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None: ...
 
     @abstractmethod
+    def grow(self, seq_id: str, num_new: int) -> bool:
+        """Room for `num_new` more rows of this sequence; False when the cache has none free."""
+
+    @abstractmethod
     def free(self, seq_id: str) -> None: ...
+
+    def prefill_whole(self, seq_id: str) -> bool:
+        """Whether this sequence's prompt must be prefilled in one step (pooled prompts are split
+        by query blocks over the members, which needs the whole prompt at once)."""
+        return False
+
+    def graph_safe(self, batch: StepBatch) -> bool:
+        """Whether a decode step of this batch may run as one captured graph over the local pages."""
+        return True
 
     @abstractmethod
     def begin_step(self, batch: StepBatch) -> None: ...
@@ -61,75 +77,68 @@ class AttentionExecutor(ABC):
     def end_step(self) -> None:
         """Called after the last layer; the step's tokens are now cached."""
 
+    def kv_usage(self) -> tuple[int, int]:
+        """(rows held, rows in all) of the local cache."""
+        return 0, 0
+
 
 class LocalAttention(AttentionExecutor):
-    """Attention on the engine's device over its own KV cache."""
+    """Attention on the engine's device over its own paged KV cache."""
 
-    def __init__(self, cache: KVCache, kernel: AttentionKernel, timer: PhaseTimer | None = None) -> None:
+    def __init__(self, cache: PagedKVCache, kernel: AttentionKernel, timer: PhaseTimer | None = None) -> None:
         self.cache = cache
         self.kernel = kernel
         self.timer = timer or PhaseTimer(cache.device)
         self._batch: StepBatch | None = None
-        self._offsets: list[int] = []
+        self._plan: RowsPlan | None = None
 
     def max_seq_tokens(self) -> int:
-        return self.cache.capacity_tokens
+        return self.cache.max_pages_per_seq * self.cache.page_size
 
     def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        return self.cache.can_allocate(num_tokens)
+        return self.cache.can_allocate(num_prompt)
 
     def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
-        self.cache.allocate(seq_id, num_tokens)
+        self.cache.allocate(seq_id, num_prompt)
+
+    def grow(self, seq_id: str, num_new: int) -> bool:
+        return self.cache.grow(seq_id, self.cache.get(seq_id).length + num_new)
 
     def free(self, seq_id: str) -> None:
         self.cache.free(seq_id)
 
+    def kv_usage(self) -> tuple[int, int]:
+        return self.cache.reserved_tokens, self.cache.capacity_tokens
+
+    def rows_plan(self, seq_ids: list[str], starts: list[int], ends: list[int]) -> RowsPlan:
+        c = self.cache
+        slots = np.concatenate([c.slots(s, a, b) for s, a, b in zip(seq_ids, starts, ends)])
+        q_lens = [b - a for a, b in zip(starts, ends)]
+        paged = PagedPlan.build(c.page_table(seq_ids), ends, q_lens, c.page_size, c.device)
+        return RowsPlan(torch.from_numpy(slots).to(c.device, non_blocking=True), paged,
+                        all(n == 1 for n in q_lens))
+
+    def attend_rows(self, layer: int, plan: RowsPlan, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache the new rows k, v and attend q over every sequence's rows so far. Returns the
+        output and, at decode, its LSE (Hq, B) for a merge with the pool's partials."""
+        self.cache.write(layer, plan.slots, k, v)
+        k_pages, v_pages = self.cache.pages_view(layer)
+        if plan.decode:
+            return self.kernel.decode_paged(q, k_pages, v_pages, plan.paged)
+        return self.kernel.prefill_paged(q, k_pages, v_pages, plan.paged), None
+
     def begin_step(self, batch: StepBatch) -> None:
         self._batch = batch
-        self._offsets = batch.offsets()
-        self._decode = self.decode_plan(batch.slices) if batch.kind == "decode" else None
-
-    def decode_plan(self, slices: Sequence[SeqSlice]) -> DecodePlan:
-        """Where a decode step's sequences live in the arena: computed once, used by every layer."""
-        slabs = [self.cache.get(s.seq_id) for s in slices]
-        return self.region_plan([b.start + s.start for b, s in zip(slabs, slices)],
-                                [b.start for b in slabs], [s.end for s in slices])
-
-    def region_plan(self, rows: list[int], starts: list[int], lengths: list[int]) -> DecodePlan:
-        dev = self.cache.device
-        kplan = self.kernel.varlen_plan(starts, lengths, self.cache.cfg.num_key_value_heads, dev) if starts else None
-        return DecodePlan(torch.tensor(rows, dtype=torch.long).to(dev), starts, lengths, kplan)
+        self._plan = None  # made at the first attend: a captured decode step never needs it
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self._batch is not None, "attend() outside begin_step/end_step"
-        out = torch.empty_like(q)
+        if self._plan is None:
+            sl = self._batch.slices
+            self._plan = self.rows_plan([s.seq_id for s in sl], [s.start for s in sl], [s.end for s in sl])
         with self.timer.phase("attention"):
-            if self._decode is not None:
-                n = len(self._batch.slices)
-                out[:n] = self.attend_decode(layer, self._decode, q[:n], k[:n], v[:n])[0]
-            else:
-                for s, lo, hi in zip(self._batch.slices, self._offsets, self._offsets[1:]):
-                    out[lo:hi] = self.attend_slice(layer, s, q[lo:hi], k[lo:hi], v[lo:hi])
-        return out
-
-    def attend_decode(
-        self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache one new token per sequence and attend each over its region, as one batch."""
-        arena = self.cache.arena
-        arena[layer, 0].index_copy_(0, plan.rows, k)
-        arena[layer, 1].index_copy_(0, plan.rows, v)
-        return self.kernel.decode_varlen(q, arena[layer, 0], arena[layer, 1], plan.starts, plan.lengths,
-                                         plan=plan.kernel_plan)
-
-    def attend_slice(
-        self, layer: int, s: SeqSlice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        """Cache one sequence's new rows (at their positions) and attend over all its rows so far."""
-        slab = self.cache.get(s.seq_id)
-        slab.write(layer, s.start, k, v)
-        o, _lse = self.kernel.forward(q, slab.keys(layer, s.end), slab.values(layer, s.end), causal=True)
-        return o
+            return self.attend_rows(layer, self._plan, q, k, v)[0]
 
     def end_step(self) -> None:
         assert self._batch is not None

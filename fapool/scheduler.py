@@ -1,8 +1,17 @@
-"""Continuous (iteration-level) batching: which sequences run in the next step.
+"""Continuous (iteration-level) batching with chunked prefill: which tokens run in the next step.
 
-Each step is either a prefill of newly admitted prompts or one decode token for every running
-sequence; requests join and leave between steps. A request is admitted only when the executor can
-reserve KV for its whole life, so admitted work never runs out of memory; the rest waits in order.
+Each step has a token budget. Running sequences that decode take one token each; the rest of
+the budget goes to prompt chunks, first of sequences whose prefill is under way, then of newly
+admitted ones, so a long prompt is prefilled a chunk a step while every stream keeps getting
+tokens. Requests join and leave between steps; a waiting request is admitted in order when the
+cache has room for its prompt.
+
+KV pages are taken as sequences grow. When a decode cannot get a page, the youngest running
+sequence is preempted: its pages are freed and it queues first, to be prefilled again from its
+tokens so far (recompute), which gives the same tokens as an uninterrupted run.
+
+Sequences whose prompt must be prefilled whole (pooled ones, split over the pool's members) run
+in prefill steps of their own, and decodes then run in steps of their own.
 """
 from __future__ import annotations
 
@@ -17,9 +26,11 @@ class Scheduler:
     def __init__(self, executor: AttentionExecutor, max_num_seqs: int, max_prefill_tokens: int) -> None:
         self.executor = executor
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
+        self.token_budget = max_prefill_tokens  # prompt tokens per step, beside the decodes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._decode_turn = False  # alternation when decodes cannot share a step with prefills
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -28,34 +39,71 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[StepBatch, list[Sequence]] | None:
-        """The next step's batch: a prefill when a waiting request can be admitted, else a decode."""
-        admitted = self._admit()
-        if admitted:
-            slices = tuple(SeqSlice(s.request_id, s.num_cached, s.length - s.num_cached) for s in admitted)
-            return StepBatch("prefill", slices), admitted
-        if self.running:
-            slices = tuple(SeqSlice(s.request_id, s.num_cached, 1) for s in self.running)
-            return StepBatch("decode", slices), list(self.running)
+        """The next step's batch, or None when nothing can run now."""
+        ex = self.executor
+        decoding = [s for s in self.running if s.length - s.num_cached == 1]
+        # Pooled sequences exchange per-step messages whose kind is the step's kind: keep their
+        # decodes out of prefill steps.
+        separate = any(ex.prefill_whole(s.request_id) for s in decoding)
+        if separate and decoding and self._decode_turn:
+            self._decode_turn = False
+            return self._decode_step()
+        decoding = [] if separate else self._grown(decoding)
+        chunks = self._chunks(self.token_budget)
+        if chunks:
+            self._decode_turn = True
+            seqs = decoding + [s for s, _ in chunks]
+            slices = [SeqSlice(s.request_id, s.num_cached, 1) for s in decoding]
+            slices += [SeqSlice(s.request_id, s.num_cached, n) for s, n in chunks]
+            return StepBatch("prefill", tuple(slices)), seqs
+        if separate:
+            return self._decode_step()
+        if decoding:
+            return StepBatch("decode", tuple(SeqSlice(s.request_id, s.num_cached, 1) for s in decoding)), decoding
         return None
 
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _decode_step(self) -> tuple[StepBatch, list[Sequence]] | None:
+        seqs = self._grown([s for s in self.running if s.length - s.num_cached == 1])
+        if not seqs:
+            return None
+        return StepBatch("decode", tuple(SeqSlice(s.request_id, s.num_cached, 1) for s in seqs)), seqs
+
+    def _grown(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Give each decoding sequence room for its next token, preempting the youngest running
+        sequences while pages are short. Returns those still running."""
+        for seq in sorted(seqs, key=lambda s: s.arrival_s):
+            while seq.status == SeqStatus.RUNNING and not self.executor.grow(seq.request_id, 1):
+                self.preempt(max(self.running, key=lambda s: s.arrival_s))
+                self.num_preemptions += 1
+        return [s for s in seqs if s.status == SeqStatus.RUNNING]
+
+    def _chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        """Prompt chunks for this step: sequences already prefilling first, then admissions."""
+        ex = self.executor
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            left = seq.length - seq.num_cached
+            if left > 1 and budget > 0:
+                if ex.prefill_whole(seq.request_id) and left > budget and chunks:
+                    continue
+                n = left if ex.prefill_whole(seq.request_id) else min(left, budget)
+                chunks.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.length  # the prompt, plus earlier output for a preempted sequence
-            # A prompt longer than the budget still runs, alone, so it cannot starve.
-            if admitted and n > budget:
-                break
-            if not self.executor.can_allocate(seq.request_id, n, seq.max_length):
+            if not ex.can_allocate(seq.request_id, n, seq.max_length):
                 break  # in order: later requests do not overtake one waiting for room
             self.waiting.popleft()
-            self.executor.allocate(seq.request_id, n, seq.max_length)
+            ex.allocate(seq.request_id, n, seq.max_length)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            admitted.append(seq)
-            budget -= n
-        return admitted
+            if ex.prefill_whole(seq.request_id) and n > budget and chunks:
+                break  # a pooled prompt runs whole: next step
+            take = n if ex.prefill_whole(seq.request_id) else min(n, budget)
+            chunks.append((seq, take))
+            budget -= take
+        return chunks
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out of the batch and release its KV."""

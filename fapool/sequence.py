@@ -42,6 +42,15 @@ class Sequence:
         """Tokens this sequence may ever hold: what its KV reservation covers."""
         return len(self.prompt_ids) + self.params.max_tokens
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole of either."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
+
     def pending_ids(self) -> list[int]:
         """Tokens not yet in the KV cache: the prompt at prefill, the last sampled token at decode."""
         return (self.prompt_ids + self.output_ids)[self.num_cached :]

@@ -29,7 +29,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-BYTE_PRESETS = ("tiny", "paper")
+BYTE_PRESETS = ("tiny", "paper", "llama8b")
 
 
 class Tokenizer(ABC):

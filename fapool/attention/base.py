@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fapool.attention import triton_decode
+from fapool.attention.paged import PagedPlan, gathered
 from fapool.attention.triton_decode import SplitPlan, decode_split_kv, triton_decode_reason
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class AttentionKernel(ABC):
     """
 
     name: ClassVar[str]
+    # True where `paged_decode` reads the pages itself in one launch with tensor-only metadata, so
+    # a whole decode step, attention included, can be captured in one CUDA graph.
+    paged_in_graph: ClassVar[bool] = False
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None
@@ -89,6 +93,18 @@ class AttentionKernel(ABC):
             outs.append(o)
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses, dim=1)
+
+    def decode_paged(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
+                     scale: float | None = None) -> tuple[Tensor, Tensor]:
+        """One query row per sequence, q (B, Hq, D), over its pages of k_pages, v_pages
+        (pages, page_size, Hkv, D). Returns out (B, Hq, D) and lse (Hq, B)."""
+        return gathered(self, q, k_pages, v_pages, plan, scale, causal=False)
+
+    def prefill_paged(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
+                      scale: float | None = None) -> Tensor:
+        """Queries of several sequences, q (T, Hq, D) flat: sequence i's `plan.q_lens[i]` queries
+        are the last rows of its `plan.lengths[i]` rows (already cached), causal. Returns (T, Hq, D)."""
+        return gathered(self, q, k_pages, v_pages, plan, scale, causal=True)[0]
 
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
                     device: torch.device) -> object | None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fapool.attention.base import AttentionKernel, check_half, normalise_lse
+from fapool.attention.paged import PagedPlan
 
 
 @lru_cache(maxsize=None)
@@ -47,10 +48,43 @@ def _cuda_reason(device: torch.device, min_major: int) -> str | None:
 
 
 class FlashAttn4Kernel(AttentionKernel):
-    """flash-attn-4 (CuTe DSL): the fastest kernel on Hopper and Blackwell."""
+    """flash-attn-4 (CuTe DSL): the fastest kernel on Hopper and Blackwell.
+
+    Over a paged cache, `flash_attn_varlen_func(q, k_pages, v_pages, seqused_k=, page_table=,
+    return_lse=True)` runs a whole batch, any mix of lengths, in one launch; its metadata is
+    tensors only, so it replays inside a CUDA graph with new lengths (measured on H200).
+    """
 
     name = "flash4"
     module, function = "flash_attn.cute", "flash_attn_func"
+    paged_in_graph = True
+
+    @staticmethod
+    def _varlen():
+        fn, why = _import_attr("flash_attn.cute", "flash_attn_varlen_func")
+        if fn is None:
+            raise ValueError(f"kernel 'flash4' is not installed: {why}; pip install flash-attn-4")
+        return fn
+
+    def paged_decode(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
+                     seq_lens: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
+        """q (B, Hq, D), page_table (B, W) int32, seq_lens (B,) int32 -> out (B, Hq, D), lse (Hq, B)."""
+        out, lse = self._varlen()(q.unsqueeze(1), k_pages, v_pages, seqused_k=seq_lens, page_table=page_table,
+                                  softmax_scale=scale, causal=False, return_lse=True)
+        return out[:, 0], lse[:, :, 0].transpose(0, 1)
+
+    def decode_paged(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
+                     scale: float | None = None) -> tuple[Tensor, Tensor]:
+        return self.paged_decode(q, k_pages, v_pages, plan.page_table, plan.seq_lens, scale)
+
+    def prefill_paged(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
+                      scale: float | None = None) -> Tensor:
+        if plan.cu_q is None:  # one query a sequence: the decode launch
+            return self.decode_paged(q, k_pages, v_pages, plan, scale)[0]
+        out, _ = self._varlen()(q, k_pages, v_pages, cu_seqlens_q=plan.cu_q, seqused_k=plan.seq_lens,
+                                page_table=plan.page_table, max_seqlen_q=max(plan.q_lens),
+                                softmax_scale=scale, causal=True, return_lse=True)
+        return out
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:

@@ -103,21 +103,67 @@ def test_eos_stops_unless_ignored(engine):
         engine.outputs.eos_ids = frozenset({eos})
 
 
-def test_requests_wait_when_cache_is_full():
+def test_preemption_under_page_pressure_keeps_every_request_exact():
+    # 96 rows (6 pages of 16): four requests of 30 + 20 tokens cannot all hold their pages at once.
     engine = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=100))
     ps = prompts(4, seed=6)
-    ps = [p[:30] + [1] * (30 - len(p[:30])) for p in ps]  # 30 tokens + 20 new = 50 each: two at a time
+    ps = [p[:30] + [1] * (30 - len(p[:30])) for p in ps]
     sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     alone = [engine.generate([p], sp)[0].token_ids for p in ps]
-    for p in ps:
-        engine.add_request(None, sp, prompt_token_ids=p)
+    got: dict[str, list[int]] = {}
+    rids = [engine.add_request(None, sp, prompt_token_ids=p) for p in ps]
     max_running = 0
     while engine.has_unfinished():
-        engine.step()
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
         max_running = max(max_running, len(engine.scheduler.running))
-        assert engine.cache.reserved_tokens <= 100
-    assert max_running == 2
-    assert [c.token_ids for c in engine.generate(ps, sp)] == alone
+        assert engine.cache.reserved_tokens <= engine.cache.capacity_tokens
+    assert max_running >= 2  # pages are taken as sequences grow, not for their whole life
+    assert engine.scheduler.num_preemptions > 0
+    assert [tuple(got[r]) for r in rids] == alone
+    assert engine.cache.reserved_tokens == 0
+
+
+def test_a_request_holds_pages_only_for_the_tokens_it_has():
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=8192, max_model_len=8192))
+    rid = engine.add_request(None, SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True),
+                             prompt_token_ids=[5] * 20)
+    for _ in range(10):
+        engine.step()
+    seq = engine.scheduler.find(rid)
+    assert len(seq.output_ids) == 10
+    page = engine.cache.page_size
+    assert engine.cache.reserved_tokens <= 30 + page  # about 30 rows, not 20 + 4096
+    engine.abort(rid)
+    assert engine.cache.reserved_tokens == 0
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_going():
+    small = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=8192, max_prefill_tokens=64))
+    big = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=8192, max_prefill_tokens=100000))
+    ps = prompts(3, seed=11)
+    long_prompt = prompts(1, seed=12)[0] * 12  # several chunks of 64
+    want = [c.token_ids for c in big.generate(ps + [long_prompt], GREEDY)]
+    rids = [small.add_request(None, GREEDY, prompt_token_ids=p) for p in ps]
+    got: dict[str, list[int]] = {}
+    for _ in range(3):
+        for out in small.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    rids.append(small.add_request(None, GREEDY, prompt_token_ids=long_prompt))
+    chunk_steps = 0
+    while small.has_unfinished():
+        unfinished_short = {r for r in rids[:3] if small.scheduler.find(r) is not None}
+        outs = small.step()
+        for out in outs:
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        batch = small.last_batch
+        assert batch.num_tokens <= 64 + len(ps)
+        if any(s.seq_id == rids[-1] and s.num_tokens > 1 for s in batch.slices):
+            chunk_steps += 1
+            # A step with a chunk of the long prompt still gives every short stream its token.
+            assert unfinished_short <= {o.request_id for o in outs if o.new_token_ids}
+    assert chunk_steps >= len(long_prompt) // 64
+    assert [tuple(got[r]) for r in rids] == want
 
 
 def test_request_that_can_never_fit_is_refused_at_once():

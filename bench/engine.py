@@ -1,0 +1,168 @@
+"""`python -m bench.engine`: one base engine (pool 0) on one GPU against the physical floor.
+
+    python -m bench.engine --preset paper --out $OUT     # on a GPU machine, about 3 minutes
+    python -m bench.engine --preset tiny --device cpu    # here, a smoke run
+
+No Ray: this is the engine that a base actor runs, measured in-process so that every figure is
+the engine's own. Side by side in one process:
+
+- decode TPOT at 16K x 1, 64K x 8, 1K x 64 and 4K x 64 with the whole step in one CUDA graph
+  ("graph") and with the same paged kernel launched eagerly ("eager"), against the floor:
+  (weights read by a step + every KV byte) / the measured copy bandwidth;
+- TTFT of a prompt of a length never seen before against the same length repeated;
+- the stall test: streams decoding while a long prompt arrives, the longest gap between two
+  tokens of a stream, and the long prompt's TTFT against its TTFT alone.
+
+Prints a table last; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from bench.floors import decode_floor_s
+from bench.probe import probe
+from fapool import EngineConfig, LLMEngine, SamplingParams
+from fapool.config import PRESETS
+
+POINTS = {"cuda": [(16384, 1), (65536, 8), (1024, 64), (4096, 64)], "cpu": [(256, 1), (512, 4), (128, 16)]}
+
+
+def ids(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(300, min(vocab, 30000), (n,), generator=g).tolist()
+
+
+def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: int) -> dict:
+    vocab = engine.loaded.config.vocab_size
+    # Long enough that no stream ends while later ones are still prefilled (chunked prefill lets
+    # the first sequences decode meanwhile).
+    sp = SamplingParams(max_tokens=engine.max_model_len - context, temperature=0.0, ignore_eos=True)
+    rids = [engine.add_request(None, sp, prompt_token_ids=ids(context, seed + i, vocab)) for i in range(batch)]
+    while any(len(engine.scheduler.find(r).output_ids) == 0 for r in rids):
+        engine.step()  # chunked prefill until every sequence has its first token
+    for _ in range(2):
+        engine.step()
+    times, launch = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        launch.append(engine.last_launch_s)
+        assert engine.last_batch.kind == "decode" and len(engine.last_batch.slices) == batch
+    for r in rids:
+        engine.abort(r)
+    return {"context": context, "batch": batch, "tpot_ms": 1e3 * statistics.median(times),
+            "tpot_p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))], "host_launch_ms": 1e3 * statistics.median(launch)}
+
+
+def ttft(engine: LLMEngine, n: int, seed: int) -> float:
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    rid = engine.add_request(None, sp, prompt_token_ids=ids(n, seed, engine.loaded.config.vocab_size))
+    t0 = time.perf_counter()
+    while engine.scheduler.find(rid) is not None:
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def stall(engine: LLMEngine, streams: int, stream_ctx: int, long_ctx: int, seed: int) -> dict:
+    vocab = engine.loaded.config.vocab_size
+    alone = ttft(engine, long_ctx, seed + 99)
+    sp = SamplingParams(max_tokens=engine.max_model_len - stream_ctx, temperature=0.0, ignore_eos=True)
+    rids = [engine.add_request(None, sp, prompt_token_ids=ids(stream_ctx, seed + i, vocab)) for i in range(streams)]
+    while any(len(engine.scheduler.find(r).output_ids) < 3 for r in rids):
+        engine.step()
+    long_id = engine.add_request(None, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                                 prompt_token_ids=ids(long_ctx, seed + 99, vocab))
+    t0 = last = time.perf_counter()
+    worst = 0.0
+    while engine.scheduler.find(long_id) is not None:
+        outs = engine.step()
+        now = time.perf_counter()
+        if {o.request_id for o in outs if o.new_token_ids} >= set(rids):
+            worst, last = max(worst, now - last), now
+    with_streams = time.perf_counter() - t0
+    for r in rids:
+        engine.abort(r)
+    return {"streams": streams, "stream_context": stream_ctx, "long_context": long_ctx,
+            "max_gap_ms": 1e3 * worst, "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--modes", default="graph,eager")
+    p.add_argument("--no-stall", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    cfg = PRESETS[args.preset]
+    pr = probe(dev)
+    print(f"probe: {pr}", flush=True)
+    points = POINTS["cuda" if dev == "cuda" else "cpu"]
+    longest = max(c for c, _ in points) + args.steps + 16
+    result = {"preset": args.preset, "device": pr["device"], "probe": pr, "points": [], "ttft": {}, "stall": None,
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+              "python": platform.python_version(), "torch": torch.__version__}
+    for k, mode in enumerate(args.modes.split(",")):
+        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode == "graph"), max_num_seqs=64,
+                          max_prefill_tokens=16384, max_model_len=max(longest, 131072 if dev == "cuda" else 4096),
+                          kv_capacity_tokens=600_000 if dev == "cuda" else 20_000)
+        t0 = time.perf_counter()
+        engine = LLMEngine(ec)
+        engine.warmup()
+        print(f"{mode}: engine ready in {time.perf_counter() - t0:.1f}s (kernel {engine.kernel.name})", flush=True)
+        for i, (ctx, b) in enumerate(points):
+            r = decode_point(engine, ctx, b, args.steps, seed=100 * i)
+            r["mode"] = mode
+            r["floor_ms"] = 1e3 * decode_floor_s(cfg, ctx, b, 0, 2 if dev == "cuda" else 4, pr["copy_bytes_per_s"])
+            r["x_floor"] = r["tpot_ms"] / r["floor_ms"]
+            result["points"].append(r)
+            print(json.dumps(r), flush=True)
+        if k == 0:  # serving behaviour, on the first (default) mode
+            engine.scheduler.token_budget = EngineConfig().max_prefill_tokens
+            n = 2000 if dev == "cuda" else 200
+            repeated = [ttft(engine, n, 7) for _ in range(3)][1:]
+            new = [ttft(engine, n + 1 + 2 * i, 8 + i) for i in range(3)]
+            result["ttft"] = {"tokens": n, "repeated_ms": [1e3 * t for t in repeated],
+                              "new_length_ms": [1e3 * t for t in new]}
+            print(json.dumps(result["ttft"]), flush=True)
+            if not args.no_stall:
+                long_ctx = 120000 if dev == "cuda" else 1500
+                result["stall"] = stall(engine, 8, 2000 if dev == "cuda" else 100, long_ctx, seed=5)
+                print(json.dumps(result["stall"]), flush=True)
+        del engine
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"engine-{args.preset}-{pr['device'].replace(' ', '_')}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{'mode':6} {'point':>10} {'TPOT ms':>8} {'floor ms':>8} {'x floor':>7} {'host ms':>8}")
+    for r in result["points"]:
+        print(f"{r['mode']:6} {r['context']:>6}x{r['batch']:<3} {r['tpot_ms']:8.2f} {r['floor_ms']:8.2f} "
+              f"{r['x_floor']:7.2f} {r['host_launch_ms']:8.2f}")
+    t = result["ttft"]
+    print(f"TTFT {t['tokens']} tokens: repeated {min(t['repeated_ms']):.1f} ms, new lengths "
+          f"{', '.join(f'{x:.1f}' for x in t['new_length_ms'])} ms")
+    if result["stall"]:
+        s = result["stall"]
+        print(f"stall: {s['streams']} streams, {s['long_context']}-token prompt: max gap {s['max_gap_ms']:.1f} ms; "
+              f"its TTFT {s['long_ttft_with_streams_ms']:.0f} ms vs {s['long_ttft_alone_ms']:.0f} ms alone")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

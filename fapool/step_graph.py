@@ -1,0 +1,136 @@
+"""The whole decode step in one CUDA graph, attention included.
+
+Where the attention kernel reads the paged cache itself with tensor-only metadata
+(`AttentionKernel.paged_in_graph`, flash-attn-4), a local decode step is one graph replay:
+embedding, every layer (its new K, V written to their slots, one paged attention launch), the
+final norm and the LM head. The host only fills a few static buffers (token ids, positions, KV
+slots, the page table and lengths) and replays, so the step runs at the GPU's pace.
+
+One graph per batch-size bucket; padding rows read and write the scratch page 0 and are ignored.
+Small batches split each sequence's KV into chunks (`fapool.attention.paged.split_table`) so
+the kernel has enough thread blocks to reach the memory bandwidth; the chunks merge by LSE
+inside the graph.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fapool.attention import AttentionKernel
+from fapool.attention.paged import merge_splits, split_table
+from fapool.batch import SeqSlice
+from fapool.model import LlamaForCausalLM
+from fapool.paged_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """KV chunks per sequence: about two thread blocks per SM in all, at most 16 chunks."""
+    return max(1, min(16, round(2 * num_sms / (batch * num_kv_heads))))
+
+
+@dataclass
+class StepBuffers:
+    head: torch.Tensor  # (3 * n,) int64: ids | positions | slots, filled by one copy
+    ids: torch.Tensor
+    pos: torch.Tensor
+    slots: torch.Tensor
+    meta: torch.Tensor  # int32: page table (n * S, W) | rows (n * S,)
+    table: torch.Tensor
+    rows: torch.Tensor
+    logits: torch.Tensor  # (n, vocab) float32, the graph's output
+    splits: int
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class PagedDecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, kernel: AttentionKernel,
+                 max_batch: int) -> None:
+        self.model, self.cache, self.kernel = model, cache, kernel
+        self.device = cache.device
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= max_batch)]
+        props = torch.cuda.get_device_properties(self.device)
+        self.num_sms = props.multi_processor_count
+        self._sets: dict[int, StepBuffers] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def capture_all(self) -> None:
+        for b in self.buckets:
+            if b not in self._sets:
+                self._capture(b)
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], slices: tuple[SeqSlice, ...]) -> torch.Tensor:
+        """Logits (n, vocab) of one decode step: `token_ids[i]` at position `slices[i].start`."""
+        n = len(slices)
+        size = self.bucket(n)
+        assert size is not None, f"no graph bucket for a batch of {n}"
+        buf = self._sets.get(size) or self._capture(size)
+        c = self.cache
+        ids = [s.seq_id for s in slices]
+        pos = np.fromiter((s.start for s in slices), dtype=np.int64, count=n)
+        table = c.page_table(ids, c.max_pages_per_seq)
+        page = np.take_along_axis(table, (pos // c.page_size)[:, None], axis=1)[:, 0].astype(np.int64)
+        head = np.zeros((3, size), dtype=np.int64)  # padding rows: token 0 at position 0, slot 0
+        head[0, :n], head[1, :n], head[2, :n] = token_ids, pos, page * c.page_size + pos % c.page_size
+        full = np.zeros((size, table.shape[1]), dtype=np.int32)
+        full[:n] = table
+        lens = np.ones(size, dtype=np.int64)  # padding rows see the scratch page's first row
+        lens[:n] = pos + 1
+        width = buf.table.shape[1]
+        split, rows = split_table(full, lens.tolist(), c.page_size, buf.splits, width)
+        buf.head.copy_(torch.from_numpy(head.reshape(-1)), non_blocking=True)
+        buf.meta.copy_(torch.from_numpy(np.concatenate([split.reshape(-1), rows])), non_blocking=True)
+        buf.graph.replay()
+        return buf.logits[:n]
+
+    def _forward(self, buf: StepBuffers) -> None:
+        m, c = self.model.model, self.cache
+        x = m.embed_tokens(buf.ids)
+        cos, sin = m.rotary.cos_sin(buf.pos, x.dtype)
+        for i, layer in enumerate(m.layers):
+            q, k, v = layer.pre_attention(x, cos, sin)
+            c.write(i, buf.slots, k, v)
+            k_pages, v_pages = c.pages_view(i)
+            if buf.splits == 1:
+                o, _ = self.kernel.paged_decode(q, k_pages, v_pages, buf.table, buf.rows)
+            else:
+                o, lse = self.kernel.paged_decode(q.repeat_interleave(buf.splits, 0), k_pages, v_pages,
+                                                  buf.table, buf.rows)
+                o, _ = merge_splits(o, lse, buf.rows, buf.splits)
+            x = layer.post_attention(x, o)
+        buf.logits.copy_(self.model.logits(m.norm(x)))
+
+    @torch.inference_mode()
+    def _capture(self, n: int) -> StepBuffers:
+        c, cfg = self.cache, self.model.config
+        dev = self.device
+        splits = splits_for(n, cfg.num_key_value_heads, self.num_sms)
+        width = -(-c.max_pages_per_seq // splits)
+        head = torch.zeros(3 * n, dtype=torch.long, device=dev)
+        meta = torch.zeros(n * splits * width + n * splits, dtype=torch.int32, device=dev)
+        meta[n * splits * width :] = 1  # every chunk row sees the scratch row until filled
+        buf = StepBuffers(head, head[:n], head[n : 2 * n], head[2 * n :], meta,
+                          meta[: n * splits * width].view(n * splits, width), meta[n * splits * width :],
+                          torch.zeros(n, cfg.vocab_size, dtype=torch.float32, device=dev), splits)
+        c.arena  # allocate before capture: the graph must not own the cache
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm up: kernels compiled, cuBLAS workspaces chosen
+            for _ in range(2):
+                self._forward(buf)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        buf.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(buf.graph, pool=self._pool):
+            self._forward(buf)
+        self._sets[n] = buf
+        log.info("captured the decode step for batch %d (%d KV splits)", n, splits)
+        return buf
