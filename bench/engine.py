@@ -58,6 +58,14 @@ def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: 
         times.append(time.perf_counter() - t0)
         launch.append(engine.last_launch_s)
         assert engine.last_batch.kind == "decode" and len(engine.last_batch.slices) == batch
+    if os.environ.get("FAPOOL_BENCH_PROFILE"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                engine.step()
+        print(f"--- {context}x{batch}, 4 steps ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
     for r in rids:
         engine.abort(r)
     return {"context": context, "batch": batch, "tpot_ms": 1e3 * statistics.median(times),

@@ -27,6 +27,7 @@ from fapool.config import ModelConfig
 
 @dataclass(eq=False)
 class PagedSeq:
+    row: int  # its row of the host page table
     pages: list[int] = field(default_factory=list)
     length: int = 0  # rows filled in every layer after a completed step
 
@@ -46,6 +47,10 @@ class PagedKVCache:
         self.max_pages_per_seq = -(-longest // page_size)
         self._free = list(range(self.num_pages - 1, 0, -1))  # pop() hands out low pages first
         self._seqs: dict[str, PagedSeq] = {}
+        # Every sequence's pages as a row of one host table, kept up to date as pages come and go,
+        # so a step's page table is one fancy index, not a loop over page lists.
+        self._table = np.zeros((64, self.max_pages_per_seq), dtype=np.int32)
+        self._free_rows = list(range(63, -1, -1))
         self._arena: torch.Tensor | None = None
         self._lock = threading.Lock()
 
@@ -88,7 +93,11 @@ class PagedKVCache:
         """A new sequence with pages for its first `rows` rows; MemoryError when they are not free."""
         with self._lock:
             assert seq_id not in self._seqs, f"sequence {seq_id} already holds pages"
-            seq = self._seqs[seq_id] = PagedSeq()
+            if not self._free_rows:
+                n = len(self._table)
+                self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+                self._free_rows = list(range(2 * n - 1, n - 1, -1))
+            seq = self._seqs[seq_id] = PagedSeq(self._free_rows.pop())
         if not self.grow(seq_id, rows):
             self.free(seq_id)
             raise MemoryError(f"KV cache full: {self.pages_for(rows)} pages wanted, {len(self._free)} free")
@@ -106,7 +115,9 @@ class PagedKVCache:
         with self._lock:
             if need > len(self._free):
                 return False
-            seq.pages += [self._free.pop() for _ in range(need)]
+            new = [self._free.pop() for _ in range(need)]
+            self._table[seq.row, len(seq.pages) : len(seq.pages) + need] = new
+            seq.pages += new
         return True
 
     def free(self, seq_id: str) -> None:
@@ -114,6 +125,8 @@ class PagedKVCache:
             seq = self._seqs.pop(seq_id, None)
             if seq is not None:
                 self._free += reversed(seq.pages)
+                self._table[seq.row] = 0
+                self._free_rows.append(seq.row)
 
     def get(self, seq_id: str) -> PagedSeq:
         return self._seqs[seq_id]
@@ -134,12 +147,9 @@ class PagedKVCache:
 
     def page_table(self, seq_ids: list[str], width: int | None = None) -> np.ndarray:
         """(B, width) int32: each sequence's pages, padded with the scratch page 0."""
-        width = width or max((len(self._seqs[s].pages) for s in seq_ids), default=1) or 1
-        table = np.zeros((len(seq_ids), width), dtype=np.int32)
-        for i, s in enumerate(seq_ids):
-            pages = self._seqs[s].pages
-            table[i, : len(pages)] = pages
-        return table
+        seqs = [self._seqs[s] for s in seq_ids]
+        width = width or max((len(q.pages) for q in seqs), default=1) or 1
+        return self._table[[q.row for q in seqs], :width]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store rows k, v (N, Hkv, D) at arena rows `slots` (N,) int64 on the device."""

@@ -81,12 +81,17 @@ class PagedDecodeGraphs:
         page = np.take_along_axis(table, (pos // c.page_size)[:, None], axis=1)[:, 0].astype(np.int64)
         head = np.zeros((3, size), dtype=np.int64)  # padding rows: token 0 at position 0, slot 0
         head[0, :n], head[1, :n], head[2, :n] = token_ids, pos, page * c.page_size + pos % c.page_size
-        full = np.zeros((size, table.shape[1]), dtype=np.int32)
-        full[:n] = table
         lens = np.ones(size, dtype=np.int64)  # padding rows see the scratch page's first row
         lens[:n] = pos + 1
-        width = buf.table.shape[1]
-        split, rows = split_table(full, lens.tolist(), c.page_size, buf.splits, width)
+        if buf.splits == 1:
+            split, rows = table, lens[:n].astype(np.int32)
+            if n < size:  # padding rows: all-zero pages (the scratch page), one row
+                split = np.concatenate([split, np.zeros((size - n, split.shape[1]), dtype=np.int32)])
+                rows = np.concatenate([rows, np.ones(size - n, dtype=np.int32)])
+        else:
+            full = np.zeros((size, table.shape[1]), dtype=np.int32)
+            full[:n] = table
+            split, rows = split_table(full, lens.tolist(), c.page_size, buf.splits, buf.table.shape[1])
         buf.head.copy_(torch.from_numpy(head.reshape(-1)), non_blocking=True)
         buf.meta.copy_(torch.from_numpy(np.concatenate([split.reshape(-1), rows])), non_blocking=True)
         buf.graph.replay()
