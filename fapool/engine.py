@@ -62,6 +62,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
         self.last_launch_s = 0.0  # host seconds the latest step took to enqueue its GPU work
+        if dev.type == "cuda" and config.cuda_graphs:
+            self.warmup()  # before a base actor reports ready: the first request costs what the tenth does
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -189,6 +191,8 @@ class LLMEngine:
     def warmup(self) -> None:
         """Compile kernels and capture graphs before the first request, so it costs what the
         tenth does: every decode bucket's graph, and prefills of a few lengths."""
+        if self.loaded.device.type != "cuda":
+            return  # nothing to compile or capture
         if self.step_graphs is not None:
             self.step_graphs.capture_all()
         for n in (1, 7, 100, 1000):
