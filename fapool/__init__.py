@@ -1,19 +1,28 @@
-"""FA Pool core: the Ray-free engine (model, loading, attention math, KV cache, scheduler, policy)."""
-from fapool.config import PRESETS, EngineConfig, ModelConfig
-from fapool.engine import LLMEngine
-from fapool.policy import PolicyConfig, PoolCurve, decide
-from fapool.sampling import SamplingParams
-from fapool.sequence import Completion, RequestOutput
+"""FA Pool core: the Ray-free engine (model, loading, attention math, KV cache, scheduler, policy).
 
-__all__ = [
-    "PRESETS",
-    "Completion",
-    "EngineConfig",
-    "LLMEngine",
-    "ModelConfig",
-    "PolicyConfig",
-    "PoolCurve",
-    "RequestOutput",
-    "SamplingParams",
-    "decide",
-]
+The names below load on first use, so that a light import (`fapool.policy`, `fapool.weights`
+from the CLI's flag checks) does not wait seconds for torch.
+"""
+from importlib import import_module
+
+_WHERE = {
+    "PRESETS": "fapool.config",
+    "EngineConfig": "fapool.config",
+    "ModelConfig": "fapool.config",
+    "LLMEngine": "fapool.engine",
+    "PolicyConfig": "fapool.policy",
+    "PoolCurve": "fapool.policy",
+    "decide": "fapool.policy",
+    "SamplingParams": "fapool.sampling",
+    "Completion": "fapool.sequence",
+    "RequestOutput": "fapool.sequence",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fapool' has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

@@ -9,7 +9,7 @@ import torch
 from fapool.config import PRESETS, ModelConfig
 from fapool.model import LlamaForCausalLM
 from fapool.tokenizer import Tokenizer, load_tokenizer
-from fapool.weights import load_model_config, load_weights
+from fapool.weights import check_model_dir, load_model_config, load_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,6 +51,7 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None, seed
                 f"model {source!r} is neither a preset ({', '.join(PRESETS)}) nor a directory; "
                 "give a Hugging Face-format model directory"
             )
+        check_model_dir(path)  # pickles are refused before config.json is even read
         cfg = load_model_config(path)
     torch_dtype = resolve_dtype(dtype, cfg, dev)
     with torch.device("meta"):

@@ -1,6 +1,7 @@
 """Turns sampled tokens into text and decides when a request stops."""
 from __future__ import annotations
 
+from fapool.sampling import SampleError
 from fapool.sequence import Completion, RequestOutput, Sequence
 from fapool.tokenizer import Tokenizer
 
@@ -11,23 +12,26 @@ class OutputProcessor:
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
 
     def append(self, seq: Sequence, token: int, now_s: float) -> RequestOutput:
-        """Add one sampled token to `seq`; report the new text and whether the request is done."""
+        """Add one sampled token to `seq`; report the new text and whether the request is done.
+
+        A `SampleError` in place of a token (this row could not be sampled) finishes this request
+        alone with finish_reason "error" and the sampler's message."""
+        if isinstance(token, SampleError):
+            return self.abort(seq, "error", token.message)
         seq.output_ids.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = now_s
         p = seq.params
-        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+        if token in p.stop_token_set or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         if seq.stream is None:
             seq.stream = self.tokenizer.stream()
         before = len(seq.text)
         seq.text += seq.stream.step(token)  # one token's work, not a decode of the whole output
         cut_at_stop = False
-        for stop in p.stop:
-            cut = seq.text.find(stop, max(0, before - len(stop) + 1))  # only where the new text reaches
-            if cut >= 0:
-                seq.text, seq.finish_reason, cut_at_stop = seq.text[:cut], "stop", True
-                break
+        cut = p.stop_matcher.find(seq.text, before)  # only matches the new text completes
+        if cut >= 0:
+            seq.text, seq.finish_reason, cut_at_stop = seq.text[:cut], "stop", True
         if seq.finish_reason is None and len(seq.output_ids) >= p.max_tokens:
             seq.finish_reason = "length"
         if seq.finish_reason is not None and not cut_at_stop:
@@ -47,7 +51,7 @@ class OutputProcessor:
         if not finished:
             # Hold back an incomplete UTF-8 character and a possible start of a stop string.
             visible = len(seq.text.rstrip("\ufffd"))
-            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            hold = max(seq.params.stop_matcher.max_len - 1, 0)
             visible = max(seq.sent_text_len, visible - hold)
         delta = seq.text[seq.sent_text_len : visible]
         seq.sent_text_len = visible

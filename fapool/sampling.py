@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+from fapool.stops import StopMatcher
+
+# Below this temperature a row is sampled greedily, as vLLM does (its _SAMPLING_EPS): dividing
+# logits by 1e-300 overflows to inf and softmax then gives NaN.
+GREEDY_TEMPERATURE = 1e-5
+# Bounded work per request. OpenAI allows 4 stop strings; 64 of up to 1,024 characters leaves
+# room for any real use while keeping the trie at most 64 Ki nodes.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. `temperature == 0` is greedy."""
+    """How to pick tokens and when to stop. `temperature == 0` (or below 1e-5) is greedy."""
 
     max_tokens: int = 64
     temperature: float = 1.0
@@ -28,14 +40,48 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r}; use a value in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}; use 0 (off) or a positive integer")
-        if any(not s for s in self.stop):
-            raise ValueError("stop contains an empty string; remove it")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        check_stops(self.stop)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; send at most {MAX_STOP_TOKEN_IDS}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    # Built where the tokens are made (the engine), on first use; never part of equality.
+    @cached_property
+    def stop_matcher(self) -> StopMatcher:
+        return StopMatcher(self.stop)
+
+    @cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        return frozenset(self.stop_token_ids)
+
+
+def check_stops(stop: tuple[str, ...] | list[str]) -> None:
+    """Raise `ValueError` naming the problem for stop strings over the caps or empty."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(stop)} strings; send at most {MAX_STOP_STRINGS}")
+    for i, s in enumerate(stop):
+        if not s:
+            raise ValueError(f"stop[{i}] is an empty string, which would end every request at once; remove it")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop[{i}] has {len(s)} characters; each stop string may have at most {MAX_STOP_CHARS}")
+
+
+class SampleError(int):
+    """The token `sample()` gives a row it could not sample (its logits hold no finite value):
+    an int, so the list stays a list of token ids, that carries why. `OutputProcessor.append`
+    finishes that request alone with finish_reason "error"; the rest of the batch goes on."""
+
+    message: str
+
+    def __new__(cls, message: str) -> "SampleError":
+        self = super().__new__(cls, 0)
+        self.message = message
+        return self
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -51,15 +97,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """Pick one token per row of `logits` (M, vocab), each row with its own params and generator.
 
     Each request draws from its own generator so a seeded request gets the same tokens whatever
-    else is in the batch.
+    else is in the batch. No row can fail another: a row whose distribution degenerates (inf or
+    NaN after temperature, top-k and top-p) falls back to greedy over its finite logits, and a
+    row with no finite logit at all gets a `SampleError` in its place.
     """
     tokens: list[int] = [0] * len(params)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     if len(greedy_rows) == len(params):  # the common case: no row gather, one sync
-        return logits.argmax(dim=-1).tolist()
+        return _greedy(logits)
     if greedy_rows:
-        picks = logits[greedy_rows].argmax(dim=-1).tolist()
-        for i, t in zip(greedy_rows, picks):
+        for i, t in zip(greedy_rows, _greedy(logits[greedy_rows])):
             tokens[i] = t
     other = [i for i, p in enumerate(params) if not p.greedy]
     if other:
@@ -69,7 +116,34 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return tokens
 
 
+def _greedy(logits: torch.Tensor) -> list[int]:
+    vals, idx = logits.max(dim=-1)
+    # -1 flags a row whose max is NaN or -inf; still one transfer for the whole batch.
+    picks = torch.where(vals > float("-inf"), idx, -1).tolist()
+    for r, t in enumerate(picks):
+        if t < 0:
+            picks[r] = _argmax_or_error(logits[r])
+    return picks
+
+
+def _argmax_or_error(row: torch.Tensor) -> int:
+    row = row.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    if not bool((row > float("-inf")).any()):
+        return SampleError("the model produced no usable logit for this request (all NaN or -inf); "
+                           "this is a numerical fault of the model or its dtype, not of the request")
+    return int(row.argmax())
+
+
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    probs = _probs(logits, p)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        # Degenerate (NaN or inf in the logits, or an overflow of logits / temperature): the
+        # limit of such a distribution is its argmax, so that is the row's token.
+        return _argmax_or_error(logits)
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -81,4 +155,4 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return probs

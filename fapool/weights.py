@@ -7,16 +7,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from fapool.config import ModelConfig
+
+if TYPE_CHECKING:  # torch loads in seconds: checking a directory must not wait for it
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def check_model_dir(model_dir: str | Path) -> None:
+    """Raise `ValueError` (one line: the file and the fix) for a directory FA Pool cannot serve,
+    before anything slow starts: no directory, pickle-only weights (checked first, and never
+    opened), no weights, a missing or bad `config.json`, no `tokenizer.json`. Reads only file
+    names and config.json, so the CLI can call it before it starts Ray."""
+    model_dir = Path(model_dir)
+    find_weight_files(model_dir)
+    load_model_config(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ValueError(f"{model_dir / 'tokenizer.json'}: missing; FA Pool needs a fast tokenizer "
+                         "(save one with AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
 
 
 def find_weight_files(model_dir: Path) -> list[Path]:
@@ -39,7 +53,7 @@ def find_weight_files(model_dir: Path) -> list[Path]:
     if found:
         return found
     pickles = sorted(p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
+    if pickles:  # named by file name only: opening a pickle can run code
         raise ValueError(
             f"{pickles[0]}: FA Pool loads safetensors only and will not unpickle pickle checkpoints "
             f"({', '.join(p.name for p in pickles)}); convert the model with transformers: "
@@ -75,6 +89,9 @@ def load_weights(model: torch.nn.Module, model_dir: Path, config: ModelConfig) -
     `config.tie_word_embeddings` and no `lm_head.weight` in the files, lm_head takes the embedding.
     Raises `ValueError` naming the tensor for a missing parameter or a shape mismatch.
     """
+    import torch
+    from safetensors import safe_open
+
     files = find_weight_files(model_dir)
     # remove_duplicate=False so a tied lm_head still shows up under its own name.
     params = dict(model.named_parameters(remove_duplicate=False))

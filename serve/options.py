@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.config import ClusterConfig
-from fapool.config import EngineConfig
+from fapool.config import PRESETS, EngineConfig
 from fapool.policy import DEFAULT_CURVE, PolicyConfig, PoolCurve
-from serve.service import ServeLimits
+from fapool.weights import check_model_dir
+
+if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
+    from serve.service import ServeLimits
 
 
 class ServeOptions(BaseModel):
@@ -31,6 +35,18 @@ class ServeOptions(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(8 << 20, ge=1024)
     pool_wait_s: float = Field(30.0, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        # Fail here, in a second and in one line, not in a base actor after Ray has started.
+        if v in PRESETS:
+            return v
+        if not os.path.isdir(v):
+            raise ValueError(f"{v!r} is neither a preset ({', '.join(PRESETS)}) nor a directory; "
+                             "give a Hugging Face-format model directory")
+        check_model_dir(v)
+        return v
 
     @field_validator("device")
     @classmethod
@@ -61,5 +77,7 @@ class ServeOptions(BaseModel):
         )
 
     def limits(self) -> ServeLimits:
+        from serve.service import ServeLimits
+
         return ServeLimits(max_inflight=self.max_inflight, request_timeout_s=self.request_timeout_s,
                            max_body_bytes=self.max_body_bytes)

@@ -1,83 +1,158 @@
-"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`."""
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+
+Without `max_tokens` a request generates until EOS or the context limit, as vLLM and OpenAI do.
+Streams carry no empty chunks; usage comes only when `stream_options.include_usage` asks, in one
+last chunk with `choices: []`.
+"""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from typing import AsyncIterator
 
 from fastapi import APIRouter
 
 from actors.messages import TokenEvent
 from serve.errors import APIError
-from serve.routes_generate import sse_response
-from serve.schemas import ChatBody, CompletionBody, OpenAIFields
+from serve.openapi import STREAMING
+from serve.schemas import ChatBody, CompletionBody
 from serve.service import current
+from serve.sse import gather_or_cancel, merge, sse_response
 
 router = APIRouter(prefix="/v1")
 
 
-def _check_model(svc, body: OpenAIFields) -> str:
-    if body.model not in (None, svc.model_name):
-        raise APIError(404, f"model {body.model!r} does not exist; this server serves {svc.model_name!r}",
-                       "model_not_found", "model")
+def check_model(svc, name: str | None, param: str = "model") -> str:
+    if name not in (None, svc.model_name):
+        raise APIError(404, f"model {name!r} does not exist; this server serves {svc.model_name!r}",
+                       "model_not_found", param)
     return svc.model_name
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def model_card(svc) -> dict:
+    return {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "fapool",
+            "max_model_len": svc.max_model_len}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+async def room(svc, max_tokens: int | None, text: str | None, ids: list[int] | None):
+    """(text, ids, max_tokens): without max_tokens, all the context the prompt leaves, which needs
+    the prompt's tokens (made here, off the event loop, exactly as the base would make them)."""
+    if max_tokens is not None:
+        return text, ids, max_tokens
+    if ids is None:
+        ids, text = await asyncio.to_thread(svc.tokenizer.encode, text), None
+    limit = await context_limit(svc)
+    left = limit - len(ids)
+    if left < 1:
+        raise APIError(400, f"the prompt has {len(ids)} tokens, which fills the context of {limit} tokens; "
+                       "shorten the prompt", "context_length_exceeded", "prompt")
+    return text, ids, left
+
+
+_limits: dict[int, int] = {}
+
+
+async def context_limit(svc) -> int:
+    """The longest sequence every base can hold: the model's context, or less where the KV cache
+    is smaller (asked once per service; InferenceService keeps only max_model_len)."""
+    if id(svc) not in _limits:
+        infos = await svc.controller.get_base_info.remote()
+        _limits[id(svc)] = min([svc.max_model_len, *(i.get("max_seq_tokens", svc.max_model_len) for i in infos)])
+    return _limits[id(svc)]
+
+
 @router.get("/models")
 async def models():
+    return {"object": "list", "data": [model_card(current())]}
+
+
+@router.get("/models/{model_id}")
+async def model(model_id: str):
     svc = current()
-    return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": 0,
-                                        "owned_by": "fapool", "max_model_len": svc.max_model_len}]}
+    check_model(svc, model_id, "model_id")
+    return model_card(svc)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMING)
 async def completions(body: CompletionBody):
     svc = current()
-    model = _check_model(svc, body)
-    text, ids = (body.prompt, None) if isinstance(body.prompt, str) else (None, body.prompt)
-    cid, created, params = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.sampling_params()
+    model = check_model(svc, body.model)
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    jobs = [await room(svc, body.max_tokens, *((p, None) if isinstance(p, str) else (None, p)))
+            for p in body.prompts()]
 
-    def chunk(text: str, finish: str | None, usage: dict | None = None) -> dict:
-        out = {"id": cid, "object": "text_completion", "created": created, "model": model,
-               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if usage is not None:
-            out["usage"] = usage
+    def chunk(choices: list[dict], use: dict | None = None) -> dict:
+        out = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+        if use is not None or body.include_usage:
+            out["usage"] = use
         return out
 
+    def choice(i: int, text: str, finish: str | None) -> dict:
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+
     if not body.stream:
-        r = await svc.complete(text, ids, params)
-        return chunk(r.text, r.finish_reason, _usage(r.prompt_tokens, r.completion_tokens))
-    events = await svc.open_stream(text, ids, params)
-    return sse_response(events, lambda ev: chunk(
-        ev.text, ev.finish_reason, _usage(ev.prompt_tokens, ev.completion_tokens) if ev.finish_reason else None))
+        done = await gather_or_cancel(*(svc.complete(t, ids, body.sampling_params(n)) for t, ids, n in jobs))
+        return chunk([choice(i, r.text, r.finish_reason) for i, r in enumerate(done)],
+                     usage(sum(r.prompt_tokens for r in done), sum(r.completion_tokens for r in done)))
+    streams = await gather_or_cancel(*(svc.open_stream(t, ids, body.sampling_params(n)) for t, ids, n in jobs))
+
+    async def chunks() -> AsyncIterator[dict]:
+        totals = [0, 0]
+        async for i, ev in merge(streams):
+            if ev.text or ev.finish_reason:
+                yield chunk([choice(i, ev.text, ev.finish_reason)])
+            _count(totals, ev)
+        if body.include_usage:
+            yield chunk([], usage(*totals))
+
+    return sse_response(chunks())
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMING)
 async def chat_completions(body: ChatBody):
     svc = current()
-    model = _check_model(svc, body)
-    ids = svc.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-    cid, created, params = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.sampling_params()
+    model = check_model(svc, body.model)
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    ids = await asyncio.to_thread(svc.encode_chat, messages)
+    _, ids, max_tokens = await room(svc, body.requested_max_tokens, None, ids)
+    cid, created, params = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.sampling_params(max_tokens)
     if not body.stream:
         r = await svc.complete(None, ids, params)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
                              "logprobs": None, "finish_reason": r.finish_reason}],
-                "usage": _usage(r.prompt_tokens, r.completion_tokens)}
+                "usage": usage(r.prompt_tokens, r.completion_tokens)}
     events = await svc.open_stream(None, ids, params)
 
-    def chunk(delta: dict, finish: str | None) -> dict:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-    def render(ev: TokenEvent) -> dict:
-        out = chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
-        if ev.finish_reason:
-            out["usage"] = _usage(ev.prompt_tokens, ev.completion_tokens)
+    def chunk(choices: list[dict], use: dict | None = None) -> dict:
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if use is not None or body.include_usage:
+            out["usage"] = use
         return out
 
-    return sse_response(events, render, first=chunk({"role": "assistant", "content": ""}, None))
+    def choice(delta: dict, finish: str | None) -> dict:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    async def chunks() -> AsyncIterator[dict]:
+        totals = [0, 0]
+        yield chunk([choice({"role": "assistant", "content": ""}, None)])
+        async for ev in events:
+            if ev.text or ev.finish_reason:  # the last chunk may carry only its finish_reason
+                yield chunk([choice({"content": ev.text} if ev.text else {}, ev.finish_reason)])
+            _count(totals, ev)
+        if body.include_usage:
+            yield chunk([], usage(*totals))
+
+    return sse_response(chunks())
+
+
+def _count(totals: list[int], ev: TokenEvent) -> None:
+    if ev.finish_reason is not None:
+        totals[0] += ev.prompt_tokens
+        totals[1] += ev.completion_tokens

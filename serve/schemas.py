@@ -1,38 +1,35 @@
-"""Request bodies at the HTTP edge (pydantic), turned into the core's `SamplingParams`."""
+"""Request bodies at the HTTP edge (pydantic), turned into the core's `SamplingParams`.
+
+Types are strict (`"16"` is not an integer; an integer is a float), unknown fields are refused,
+and every OpenAI field is either applied or, at any value that would change the output, refused
+with a 400 naming it (`refused(...)` in serve/fields.py).
+"""
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from fapool.sampling import SamplingParams
+from serve.fields import CompletionPrompt, PromptIds, Stop, StopTokenIds, Text, check_text, refused
 
+class GenerateBody(BaseModel):
+    """`POST /generate`: FA Pool's own simple route. Give exactly one of prompt or prompt_token_ids."""
 
-class SamplingFields(BaseModel):
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    ignore_eos: bool = False
-    stream: bool = False
-
-    def sampling_params(self) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
-        )
-
-
-class GenerateBody(SamplingFields):
-    """`POST /generate`: our own simple route. Unknown fields are a mistake, so they are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    max_tokens: int = Field(64, ge=1)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["prompt_token_ids"], "properties": {"prompt_token_ids": {"type": "array"}}}]})
+    prompt: Text | None = None
+    prompt_token_ids: PromptIds = None
+    max_tokens: StrictInt = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0, strict=True, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    top_k: StrictInt = Field(0, ge=-1, description="0 or -1: off")
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: Stop = None
+    stop_token_ids: StopTokenIds = None
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "GenerateBody":
@@ -40,59 +37,140 @@ class GenerateBody(SamplingFields):
             raise ValueError("give exactly one of prompt or prompt_token_ids")
         return self
 
+    def sampling_params(self) -> SamplingParams:
+        return make_params(self.max_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.stop,
+                           self.stop_token_ids, self.ignore_eos)
 
-class OpenAIFields(SamplingFields):
-    """Fields OpenAI clients send; unknown ones are ignored as OpenAI-compatible servers do."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    n: int = 1
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: str | None = None
+def make_params(max_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
+                seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None,
+                ignore_eos: bool | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p), top_k=max(top_k or 0, 0), seed=seed,
+        stop=tuple([stop] if isinstance(stop, str) else (stop or ())), stop_token_ids=tuple(stop_token_ids or ()),
+        ignore_eos=bool(ignore_eos))
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool | None = None
+
+
+class OpenAIFields(BaseModel):
+    """What the OpenAI completions and chat APIs share; null means the default, as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1, description="default: up to the context limit")
+    temperature: float | None = Field(None, ge=0.0, le=100.0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: Stop = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None  # an end-user id for the caller's records; it changes no output
+    # vLLM's extensions that this server applies.
+    top_k: StrictInt | None = Field(None, ge=-1, description="0 or -1: off")
+    stop_token_ids: StopTokenIds = None
+    ignore_eos: StrictBool | None = None
+    # OpenAI fields that need engine support this server does not have yet.
+    n: refused(1, fix="send one request per choice") = None
+    logprobs: refused(False, fix="leave logprobs unset") = None
+    presence_penalty: refused(0, fix="leave it unset or 0") = None
+    frequency_penalty: refused(0, fix="leave it unset or 0") = None
+    logit_bias: refused({}, fix="leave it unset") = None
+    min_tokens: refused(0, fix="leave it unset or 0") = None
+    repetition_penalty: refused(1, fix="leave it unset or 1") = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "OpenAIFields":
-        if self.n != 1:
-            raise ValueError(f"n={self.n} is not supported; use n=1")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported; leave logprobs unset")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+    def _stream_options(self) -> "OpenAIFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        return make_params(max_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.stop,
+                           self.stop_token_ids, self.ignore_eos)
 
 
 class CompletionBody(OpenAIFields):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    """`POST /v1/completions`. A list of strings or of token-id lists is a batch: one choice each."""
 
-    @model_validator(mode="after")
-    def _single_prompt(self) -> "CompletionBody":
+    prompt: CompletionPrompt
+    echo: refused(False, fix="leave echo unset or false") = None
+    best_of: refused(1, fix="leave best_of unset or 1") = None
+    suffix: refused("", fix="leave suffix unset") = None
+
+    def prompts(self) -> list[str | list[int]]:
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
-            self.prompt = p[0]
-        return self
+        return [p] if isinstance(p, str) or type(p[0]) is int else list(p)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Text
+
+
+def _content(v: Any) -> Any:
+    if v is None or isinstance(v, str):
+        return v if v is None else check_text(v, "content")
+    if not isinstance(v, list):
+        raise ValueError("must be a string or a list of content parts ({\"type\": \"text\", \"text\": ...})")
+    for i, part in enumerate(v):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise ValueError(f"content[{i}] has type {kind!r}; this model reads text parts only "
+                             "({\"type\": \"text\", \"text\": \"...\"})")
+        check_text(part.get("text"), f"content[{i}].text")
+    return v
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[Text, list[TextPart], None] = None
+    name: Text | None = None
+    tool_calls: refused([], fix="send text messages") = None
+    tool_call_id: refused("", fix="send text messages") = None
+
+    _check_content = field_validator("content", mode="before")(lambda v: _content(v))
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
 class ChatBody(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    # Accepted as records only: they change no output.
+    metadata: dict[StrictStr, StrictStr] | None = None
+    store: refused(False, fix="this server stores nothing; leave store unset or false") = None
+    service_tier: StrictStr | None = None
+    parallel_tool_calls: StrictBool | None = None  # meaningless without tools, which are refused
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    # Chat features that need what this server does not have.
+    top_logprobs: refused(0, fix="leave top_logprobs unset") = None
+    tools: refused([], fix="leave tools unset") = None
+    tool_choice: refused("none", fix="leave tool_choice unset") = None
+    functions: refused([], fix="leave functions unset") = None
+    function_call: refused("none", fix="leave function_call unset") = None
+    response_format: refused({"type": "text"}, fix="leave response_format unset") = None
+    audio: refused(fix="this model reads and writes text only; leave audio unset") = None
+    modalities: refused(["text"], fix="this model writes text only; leave modalities unset or [\"text\"]") = None
+    prediction: refused(fix="leave prediction unset") = None
+    reasoning_effort: refused(fix="leave reasoning_effort unset") = None
+    verbosity: refused(fix="leave verbosity unset") = None
+    web_search_options: refused(fix="leave web_search_options unset") = None
 
-    @model_validator(mode="after")
-    def _max(self) -> "ChatBody":
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return self
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

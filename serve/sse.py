@@ -1,0 +1,87 @@
+"""Server-sent events and the small concurrency helpers the routes share."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator, Awaitable, TypeVar
+
+from fastapi.responses import StreamingResponse
+
+from actors.messages import TokenEvent
+from serve.errors import APIError, error_body, internal_error
+
+T = TypeVar("T")
+
+
+def sse(obj: object) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Events ending with `data: [DONE]`. Once the stream has started (the status line is gone) any
+    error arrives as an OpenAI-shaped error event before `[DONE]`: a stream never just stops."""
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except APIError as e:
+            yield sse(error_body(e.status, e.message, e.code))
+        except Exception as e:  # noqa: BLE001 - logged with the request id, reported as an event
+            yield sse(internal_error("stream", e))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """Like `asyncio.gather`, but the first failure cancels the rest (their requests are aborted)
+    and is raised as itself."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Events of several streams as they come, tagged with their stream's index."""
+    if len(streams) == 1:  # no task and no queue hop per token for the usual single prompt
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, s: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for ev in s:
+                await queue.put((i, ev))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, e))
+            return
+        await queue.put((i, end))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            i, item = await queue.get()
+            if item is end:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
