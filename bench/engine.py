@@ -104,6 +104,48 @@ def stall(engine: LLMEngine, streams: int, stream_ctx: int, long_ctx: int, seed:
             "max_gap_ms": 1e3 * worst, "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams}
 
 
+START, END = "<!-- bench.engine start -->", "<!-- bench.engine end -->"
+
+
+def markdown(path: Path) -> str:
+    """The engine section of docs/benchmarks.md from one result file."""
+    r = json.loads(path.read_text())
+    pr = r["probe"]
+    lines = [START, f"## Single-GPU engine (pool 0): `{path.name}`", "",
+             f"- card: **{r['device']}** x 1; paged kernel `{pr['kernel']}`; torch {r['torch']}, python {r['python']}",
+             f"- probe: copy {pr['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {pr['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
+             f"- command: `{r.get('command', 'python -m bench.engine')}`; date {r.get('date', '?')}; code {r['commit']}",
+             "- floor: (weights a step reads + every KV byte) / the measured copy rate. `graph`: the whole decode "
+             "step in one CUDA graph; `eager`: the same paged kernel launched eagerly (side by side, same process).",
+             "", "| mode | context x batch | TPOT ms | floor ms | x floor | host ms before replay/launch end |",
+             "|---|---|---|---|---|---|"]
+    for p in r["points"]:
+        lines.append(f"| {p['mode']} | {p['context']} x {p['batch']} | {p['tpot_ms']:.2f} | {p['floor_ms']:.2f} | "
+                     f"{p['x_floor']:.2f}x | {p['host_launch_ms']:.2f} |")
+    t = r["ttft"]
+    lines += ["", f"TTFT of a {t['tokens']}-token prompt, engine only: repeated length "
+              f"{', '.join(f'{x:.1f}' for x in t['repeated_ms'])} ms; lengths never seen before "
+              f"{', '.join(f'{x:.1f}' for x in t['new_length_ms'])} ms."]
+    if r.get("stall"):
+        s = r["stall"]
+        lines += ["", f"Stall test: {s['streams']} streams at {s['stream_context']} tokens decoding while a "
+                  f"{s['long_context']}-token prompt is prefilled in chunks: the longest gap between two tokens of "
+                  f"the streams {s['max_gap_ms']:.1f} ms; the long prompt's TTFT {s['long_ttft_with_streams_ms']:.0f} ms "
+                  f"against {s['long_ttft_alone_ms']:.0f} ms alone ({s['long_ttft_with_streams_ms'] / s['long_ttft_alone_ms']:.2f}x)."]
+    return "\n".join(lines + ["", END])
+
+
+def render(result: Path, doc: Path) -> None:
+    text = doc.read_text() if doc.exists() else "# FA Pool benchmarks\n"
+    section = markdown(result)
+    if START in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:  # first: after the title line
+        head, _, rest = text.partition("\n")
+        text = f"{head}\n\n{section}\n{rest}"
+    doc.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stall", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--name", default=None)
+    p.add_argument("--render", type=Path, default=None, help="write this result's section into --doc and stop")
+    p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = p.parse_args(argv)
+    if args.render:
+        render(args.render, args.doc)
+        return 0
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     cfg = PRESETS[args.preset]
     pr = probe(dev)
