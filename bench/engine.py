@@ -104,14 +104,16 @@ def stall(engine: LLMEngine, streams: int, stream_ctx: int, long_ctx: int, seed:
             "max_gap_ms": 1e3 * worst, "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams}
 
 
-START, END = "<!-- bench.engine start -->", "<!-- bench.engine end -->"
+def markers(path: Path) -> tuple[str, str]:
+    return f"<!-- bench.engine {path.stem} start -->", f"<!-- bench.engine {path.stem} end -->"
 
 
 def markdown(path: Path) -> str:
     """The engine section of docs/benchmarks.md from one result file."""
     r = json.loads(path.read_text())
     pr = r["probe"]
-    lines = [START, f"## Single-GPU engine (pool 0): `{path.name}`", "",
+    start, end = markers(path)
+    lines = [start, f"## Single-GPU engine (pool 0): `{path.name}`", "",
              f"- card: **{r['device']}** x 1; paged kernel `{pr['kernel']}`; torch {r['torch']}, python {r['python']}",
              f"- probe: copy {pr['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {pr['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
              f"- command: `{r.get('command', 'python -m bench.engine')}`; date {r.get('date', '?')}; code {r['commit']}",
@@ -123,7 +125,7 @@ def markdown(path: Path) -> str:
         lines.append(f"| {p['mode']} | {p['context']} x {p['batch']} | {p['tpot_ms']:.2f} | {p['floor_ms']:.2f} | "
                      f"{p['x_floor']:.2f}x | {p['host_launch_ms']:.2f} |")
     t = r["ttft"]
-    lines += ["", f"TTFT of a {t['tokens']}-token prompt, engine only: repeated length "
+    lines += [] if not t else ["", f"TTFT of a {t['tokens']}-token prompt, engine only: repeated length "
               f"{', '.join(f'{x:.1f}' for x in t['repeated_ms'])} ms; lengths never seen before "
               f"{', '.join(f'{x:.1f}' for x in t['new_length_ms'])} ms."]
     if r.get("stall"):
@@ -132,14 +134,15 @@ def markdown(path: Path) -> str:
                   f"{s['long_context']}-token prompt is prefilled in chunks: the longest gap between two tokens of "
                   f"the streams {s['max_gap_ms']:.1f} ms; the long prompt's TTFT {s['long_ttft_with_streams_ms']:.0f} ms "
                   f"against {s['long_ttft_alone_ms']:.0f} ms alone ({s['long_ttft_with_streams_ms'] / s['long_ttft_alone_ms']:.2f}x)."]
-    return "\n".join(lines + ["", END])
+    return "\n".join(lines + ["", end])
 
 
 def render(result: Path, doc: Path) -> None:
     text = doc.read_text() if doc.exists() else "# FA Pool benchmarks\n"
     section = markdown(result)
-    if START in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    start, end = markers(result)
+    if start in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     else:  # first: after the title line
         head, _, rest = text.partition("\n")
         text = f"{head}\n\n{section}\n{rest}"
