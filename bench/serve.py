@@ -1,0 +1,203 @@
+"""`python -m bench.serve`: drive a running `fapool serve` over HTTP, as vLLM's benchmark_serving does.
+
+    fapool serve --model paper --device cuda &
+    python -m bench.serve --url http://127.0.0.1:8000 --concurrency 64 --requests 128 \
+        --prompt-tokens 1000 --max-tokens 128 --stall --out $OUT
+
+Streaming `/generate` with random prompt ids, greedy, `ignore_eos`. Reports output tokens/s and
+TTFT / TPOT / end-to-end p50 and p99 at the given concurrency; with `--stall`, the largest gap
+between two tokens of running streams while a long prompt arrives, and that prompt's TTFT against
+its TTFT alone; with `--ttft`, a first request right after `/ready` against the same repeated, and
+prompt lengths never seen before against a repeated length. Prints a table last; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Stream:
+    sent_s: float
+    token_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def one(client: httpx.AsyncClient, url: str, ids: list[int], max_tokens: int, headers: dict,
+              on_token=None) -> Stream:
+    body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    st = Stream(time.perf_counter())
+    async with client.stream("POST", url + "/generate", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            st.error = f"{r.status_code}: {(await r.aread())[:200]!r}"
+            return st
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                st.error = ev["error"]["message"]
+                continue
+            n = len(ev.get("token_ids", ()))
+            if n:
+                now = time.perf_counter()
+                st.token_s += [now] * n
+                st.tokens += n
+                if on_token is not None:
+                    on_token(now)
+    return st
+
+
+VOCAB = [30000]  # prompt ids are drawn from [3, VOCAB): 30000 fits the paper preset, --vocab for others
+
+
+def prompt(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, VOCAB[0]) for _ in range(n)]
+
+
+async def load(url: str, concurrency: int, requests: int, prompt_tokens: int, max_tokens: int,
+               headers: dict, seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [prompt(prompt_tokens, rng) for _ in range(requests)]
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def run(p: list[int]) -> Stream:
+            async with sem:
+                return await one(client, url, p, max_tokens, headers)
+
+        t0 = time.perf_counter()
+        streams = await asyncio.gather(*(run(p) for p in prompts))
+        wall = time.perf_counter() - t0
+    ok = [s for s in streams if s.error is None and s.tokens]
+    ttft = [s.token_s[0] - s.sent_s for s in ok]
+    tpot = [(s.token_s[-1] - s.token_s[0]) / (s.tokens - 1) for s in ok if s.tokens > 1]
+    e2e = [s.token_s[-1] - s.sent_s for s in ok]
+    out = sum(s.tokens for s in ok)
+    return {"concurrency": concurrency, "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+            "ok": len(ok), "errors": [s.error for s in streams if s.error][:5], "wall_s": wall,
+            "output_tokens_per_s": out / wall,
+            "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
+            "tpot_ms": {"p50": 1e3 * pct(tpot, 0.5), "p99": 1e3 * pct(tpot, 0.99)},
+            "e2e_ms": {"p50": 1e3 * pct(e2e, 0.5), "p99": 1e3 * pct(e2e, 0.99)}}
+
+
+async def ttft_alone(client: httpx.AsyncClient, url: str, ids: list[int], headers: dict) -> float:
+    st = await one(client, url, ids, 1, headers)
+    if st.error:
+        raise RuntimeError(st.error)
+    return st.token_s[0] - st.sent_s
+
+
+async def stall(url: str, streams: int, stream_tokens: int, long_tokens: int, headers: dict, seed: int) -> dict:
+    rng = random.Random(seed)
+    long_ids = prompt(long_tokens, rng)
+    async with httpx.AsyncClient(timeout=600) as client:
+        alone = await ttft_alone(client, url, long_ids, headers)
+        last: dict[int, float] = {}
+        gaps: list[float] = []
+        window = [False]
+
+        def tick(i: int):
+            def on(now: float) -> None:
+                if window[0] and i in last:
+                    gaps.append(now - last[i])
+                last[i] = now
+            return on
+
+        tasks = [asyncio.create_task(one(client, url, prompt(stream_tokens, rng), 4000, headers, tick(i)))
+                 for i in range(streams)]
+        while len(last) < streams:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        window[0] = True
+        t0 = time.perf_counter()
+        with_streams = await ttft_alone(client, url, long_ids[::-1], headers)  # same length, new tokens
+        window[0] = False
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"streams": streams, "stream_tokens": stream_tokens, "long_tokens": long_tokens,
+            "max_gap_ms": 1e3 * max(gaps, default=float("nan")), "gaps_seen": len(gaps),
+            "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams,
+            "window_s": time.perf_counter() - t0}
+
+
+async def ttft_table(url: str, headers: dict, seed: int, n: int = 2000) -> dict:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=600) as client:
+        ids = prompt(n, rng)
+        first = await ttft_alone(client, url, ids, headers)
+        repeated = [await ttft_alone(client, url, prompt(n, rng), headers) for _ in range(3)]
+        new = [await ttft_alone(client, url, prompt(n + 1 + 7 * i, rng), headers) for i in range(3)]
+    return {"tokens": n, "first_ms": 1e3 * first, "repeated_ms": [1e3 * x for x in repeated],
+            "new_length_ms": [1e3 * x for x in new]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("FAPOOL_API_KEY"))
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=1000)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--ttft", action="store_true", help="first request after /ready, new lengths vs repeated")
+    p.add_argument("--stall", action="store_true", help="streams decoding while a long prompt arrives")
+    p.add_argument("--stall-long-tokens", type=int, default=120000)
+    p.add_argument("--stall-stream-tokens", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=30000, help="prompt ids are drawn below this")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--name", default="serve")
+    args = p.parse_args(argv)
+    VOCAB[0] = args.vocab
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    result: dict = {"url": args.url, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.ttft:  # first: the first request after /ready is part of it
+        result["ttft"] = asyncio.run(ttft_table(args.url, headers, args.seed))
+        print(json.dumps(result["ttft"]), flush=True)
+    result["load"] = asyncio.run(load(args.url, args.concurrency, args.requests, args.prompt_tokens,
+                                      args.max_tokens, headers, args.seed))
+    print(json.dumps(result["load"]), flush=True)
+    if args.stall:
+        result["stall"] = asyncio.run(stall(args.url, 8, args.stall_stream_tokens, args.stall_long_tokens,
+                                            headers, args.seed + 1))
+        print(json.dumps(result["stall"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    ld = result["load"]
+    print(f"\nconcurrency {ld['concurrency']}, {ld['requests']} requests of {ld['prompt_tokens']} tokens, "
+          f"{ld['max_tokens']} out: {ld['output_tokens_per_s']:.0f} output tokens/s, "
+          f"TTFT p50 {ld['ttft_ms']['p50']:.0f} / p99 {ld['ttft_ms']['p99']:.0f} ms, "
+          f"TPOT p50 {ld['tpot_ms']['p50']:.2f} / p99 {ld['tpot_ms']['p99']:.2f} ms ({ld['ok']} ok)")
+    if "ttft" in result:
+        t = result["ttft"]
+        print(f"TTFT {t['tokens']} tokens: first after /ready {t['first_ms']:.0f} ms, repeated "
+              f"{statistics.median(t['repeated_ms']):.0f} ms, new lengths {statistics.median(t['new_length_ms']):.0f} ms")
+    if "stall" in result:
+        s = result["stall"]
+        print(f"stall: {s['streams']} streams, {s['long_tokens']}-token prompt: max gap {s['max_gap_ms']:.0f} ms; "
+              f"its TTFT {s['long_ttft_with_streams_ms']:.0f} ms vs {s['long_ttft_alone_ms']:.0f} ms alone")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
