@@ -217,6 +217,7 @@ class EngineConfig:
     max_prefill_tokens: int = 2048
     page_size: int | None = None  # KV rows per page; None: 128 on CUDA (flash-attn-4's tile), 16 on CPU
     attention_kernel: str = "auto"  # auto | reference | sdpa | flash4 | flash2
+    async_scheduling: bool = True  # launch a captured decode step before reading the previous one's tokens
     cuda_graphs: bool = True  # replay decode steps' non-attention work as CUDA graphs (CUDA only)
     seed: int = 0  # weights of the random presets
 

@@ -22,7 +22,8 @@ from fapool.loader import LoadedModel, load_model
 from fapool.output import OutputProcessor
 from fapool.sampling import SamplingParams, make_generator, sample
 from fapool.scheduler import Scheduler
-from fapool.sequence import Completion, RequestOutput, Sequence
+from fapool.inflight import AsyncDecode, InFlight
+from fapool.sequence import Completion, RequestOutput, Sequence, SeqStatus
 from fapool.step_graph import PagedDecodeGraphs
 
 ExecutorFactory = Callable[[LoadedModel, PagedKVCache], AttentionExecutor]
@@ -55,9 +56,12 @@ class LLMEngine:
         graphs = config.cuda_graphs and dev.type == "cuda"
         # The whole decode step in one graph where the kernel reads pages itself; otherwise the
         # non-attention work in graphs, attention eager between them.
-        self.step_graphs = (PagedDecodeGraphs(self.model, self.cache, self.kernel, config.max_num_seqs)
-                            if graphs and self.kernel is not None and self.kernel.paged_in_graph else None)
+        self.step_graphs: PagedDecodeGraphs | None = None
+        self.async_decode: AsyncDecode | None = None
+        if graphs and self.kernel is not None and self.kernel.paged_in_graph:
+            self.use_step_graphs(capture=True)
         self.graphs = DecodeGraphs(self.model, dev, self.loaded.dtype) if graphs else None
+        self._spill: list[RequestOutput] = []  # outputs read outside a step, reported by the next
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
@@ -121,29 +125,56 @@ class LLMEngine:
     def recompute(self, request_ids: Seq[str]) -> None:
         """Drop the KV of these running requests and prefill them again from their tokens so far
         (what a base does when a pool member holding their KV is lost)."""
+        self._spill += self._read(self.async_decode.take()) if self._inflight() is not None else []
         seqs = [s for s in (self.scheduler.find(r) for r in request_ids) if s is not None]
         for seq in sorted(seqs, key=lambda s: s.arrival_s, reverse=True):
             self.scheduler.preempt(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight() is not None or bool(self._spill)
+
+    def use_step_graphs(self, capture: bool = True) -> None:
+        """Run local decode steps whole through `PagedDecodeGraphs` (one graph replay each), with
+        async scheduling when `config.async_scheduling`. `capture=False` runs the same step
+        eagerly, for tests on the CPU."""
+        assert self.kernel is not None, "the executor has no local kernel"
+        self.step_graphs = PagedDecodeGraphs(self.model, self.cache, self.kernel, self.config.max_num_seqs, capture)
+        self.async_decode = AsyncDecode(self.step_graphs) if self.config.async_scheduling else None
+
+    def _inflight(self) -> InFlight | None:
+        return self.async_decode.inflight if self.async_decode is not None else None
 
     # ---- the token loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step (decodes and prompt chunks); report what each request in it gained."""
+        """Run one step (decodes and prompt chunks); report what each request in it gained. With a
+        captured step in flight, what is reported is the previous step's tokens (one step late)."""
+        if self._spill:
+            out, self._spill = self._spill, []
+            return out
+        if self._inflight() is not None and not self._chainable():
+            return self._read(self.async_decode.take())  # settle first: the next step is not blind
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             self.last_batch = None
-            return []
+            return self._read(self.async_decode.take()) if self._inflight() is not None else []
         batch, seqs = scheduled
         self.last_batch = batch
+        n = len(seqs)
+        captured = batch.kind == "decode" and self.step_graphs is not None and self.step_graphs.bucket(n) \
+            and self.executor.graph_safe(batch)
+        if captured and self.async_decode is not None and all(s.params.greedy for s in seqs):
+            self.executor.begin_step(batch)
+            prev = self.async_decode.launch(batch, seqs)
+            self.executor.end_step()
+            self.last_launch_s = time.perf_counter() - t0
+            return self._read(prev) if prev is not None else []
+        if self._inflight() is not None:  # cannot happen after _chainable(); settle, run it next call
+            return self._read(self.async_decode.take())
         # A failure inside the step (a lost pool member) propagates before end_step: nothing of
         # the step is committed, and the scheduler can run it again.
         self.executor.begin_step(batch)
-        n = len(seqs)
-        if batch.kind == "decode" and self.step_graphs is not None and self.step_graphs.bucket(n) \
-                and self.executor.graph_safe(batch):
+        if captured:
             logits = self.step_graphs.run([seq.token_slice(s.start, s.end)[0] for seq, s in zip(seqs, batch.slices)],
                                           batch.slices)
             sampled = list(range(n))
@@ -156,10 +187,29 @@ class LLMEngine:
         tokens = sample(logits, [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
         for seq, s in zip(seqs, batch.slices):
             seq.num_cached = s.end
+        return self._append([seqs[i] for i in sampled], tokens)
+
+    def _chainable(self) -> bool:
+        """Whether the next step is a greedy local decode of every running sequence, which can be
+        launched before the tokens in flight are read."""
+        sch, ex = self.scheduler, self.executor
+        if sch.waiting or not sch.running or self.step_graphs.bucket(len(sch.running)) is None:
+            return False
+        return all(s.params.greedy and s.length - s.num_cached == 1 and not ex.prefill_whole(s.request_id)
+                   for s in sch.running)
+
+    def _read(self, flight: InFlight) -> list[RequestOutput]:
+        tokens = flight.tokens()
+        for seq in flight.seqs:
+            seq.pending -= 1
+        # A sequence that finished (or was aborted) meanwhile drops the token of its extra step.
+        keep = [(seq, t) for seq, t in zip(flight.seqs, tokens) if seq.status != SeqStatus.FINISHED]
+        return self._append([seq for seq, _ in keep], [t for _, t in keep])
+
+    def _append(self, seqs: list[Sequence], tokens: list[int]) -> list[RequestOutput]:
         now = time.monotonic()
         results = []
-        for i, tok in zip(sampled, tokens):
-            seq = seqs[i]
+        for seq, tok in zip(seqs, tokens):
             out = self.outputs.append(seq, tok, now)
             if out.finished:
                 self.scheduler.finish(seq)

@@ -41,7 +41,7 @@ class Scheduler:
     def schedule(self) -> tuple[StepBatch, list[Sequence]] | None:
         """The next step's batch, or None when nothing can run now."""
         ex = self.executor
-        decoding = [s for s in self.running if s.length - s.num_cached == 1]
+        decoding = [s for s in self.running if self._decodes(s)]
         # Pooled sequences exchange per-step messages whose kind is the step's kind: keep their
         # decodes out of prefill steps.
         separate = any(ex.prefill_whole(s.request_id) for s in decoding)
@@ -63,10 +63,16 @@ class Scheduler:
         return None
 
     def _decode_step(self) -> tuple[StepBatch, list[Sequence]] | None:
-        seqs = self._grown([s for s in self.running if s.length - s.num_cached == 1])
+        seqs = self._grown([s for s in self.running if self._decodes(s)])
         if not seqs:
             return None
         return StepBatch("decode", tuple(SeqSlice(s.request_id, s.num_cached, 1) for s in seqs)), seqs
+
+    @staticmethod
+    def _decodes(seq: Sequence) -> bool:
+        """Its next step is one token, and it may still need one: a sequence whose tokens in flight
+        already reach max_tokens ends when they are read."""
+        return seq.length - seq.num_cached == 1 and len(seq.output_ids) + seq.pending < seq.params.max_tokens
 
     def _grown(self, seqs: list[Sequence]) -> list[Sequence]:
         """Give each decoding sequence room for its next token, preempting the youngest running

@@ -32,10 +32,11 @@ class Sequence:
     finish_reason: str | None = None
     first_token_s: float | None = None
     stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
+    pending: int = 0  # tokens sampled on the device whose values the host has not read yet
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
 
     @property
     def max_length(self) -> int:

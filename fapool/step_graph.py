@@ -7,6 +7,9 @@ final norm and the LM head. The host only fills a few static buffers (token ids,
 slots, the page table and lengths) and replays, so the step runs at the GPU's pace.
 
 One graph per batch-size bucket; padding rows read and write the scratch page 0 and are ignored.
+The graph ends with the greedy token of every row in `prev`, and a row's input token can be taken
+from `prev` instead of the host: the engine launches the next step before it reads this one's
+tokens (async scheduling), so the host's work between steps overlaps the GPU's.
 Small batches split each sequence's KV into chunks (`fapool.attention.paged.split_table`) so
 the kernel has enough thread blocks to reach the memory bandwidth; the chunks merge by LSE
 inside the graph.
@@ -36,10 +39,11 @@ def splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 @dataclass
 class StepBuffers:
-    head: torch.Tensor  # (3 * n,) int64: ids | positions | slots, filled by one copy
+    head: torch.Tensor  # (4 * n,) int64: ids | positions | slots | src, filled by one copy
     ids: torch.Tensor
     pos: torch.Tensor
     slots: torch.Tensor
+    src: torch.Tensor  # row of `prev` holding a row's input token, or -1: take it from `ids`
     meta: torch.Tensor  # int32: page table (n * S, W) | rows (n * S,)
     table: torch.Tensor
     rows: torch.Tensor
@@ -50,14 +54,17 @@ class StepBuffers:
 
 class PagedDecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, kernel: AttentionKernel,
-                 max_batch: int) -> None:
+                 max_batch: int, capture: bool = True) -> None:
+        """`capture=False` runs the same step eagerly on the same buffers (tests on CPU)."""
         self.model, self.cache, self.kernel = model, cache, kernel
         self.device = cache.device
+        self.capture = capture
         self.buckets = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= max_batch)]
-        props = torch.cuda.get_device_properties(self.device)
-        self.num_sms = props.multi_processor_count
+        on_cuda = self.device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_cuda else 0
+        self.prev = torch.zeros(self.buckets[-1], dtype=torch.long, device=self.device)
         self._sets: dict[int, StepBuffers] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -68,8 +75,10 @@ class PagedDecodeGraphs:
                 self._capture(b)
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], slices: tuple[SeqSlice, ...]) -> torch.Tensor:
-        """Logits (n, vocab) of one decode step: `token_ids[i]` at position `slices[i].start`."""
+    def run(self, token_ids: list[int], slices: tuple[SeqSlice, ...], src: list[int] | None = None) -> torch.Tensor:
+        """Logits (n, vocab) of one decode step: `token_ids[i]` (or, where `src[i] >= 0`, the
+        greedy token of row `src[i]` of the previous step, still on the device) at position
+        `slices[i].start`. Afterwards `prev[:n]` holds this step's greedy tokens."""
         n = len(slices)
         size = self.bucket(n)
         assert size is not None, f"no graph bucket for a batch of {n}"
@@ -79,8 +88,11 @@ class PagedDecodeGraphs:
         pos = np.fromiter((s.start for s in slices), dtype=np.int64, count=n)
         table = c.page_table(ids, c.max_pages_per_seq)
         page = np.take_along_axis(table, (pos // c.page_size)[:, None], axis=1)[:, 0].astype(np.int64)
-        head = np.zeros((3, size), dtype=np.int64)  # padding rows: token 0 at position 0, slot 0
+        head = np.zeros((4, size), dtype=np.int64)  # padding rows: token 0 at position 0, slot 0
         head[0, :n], head[1, :n], head[2, :n] = token_ids, pos, page * c.page_size + pos % c.page_size
+        head[3] = -1
+        if src is not None:
+            head[3, :n] = src
         lens = np.ones(size, dtype=np.int64)  # padding rows see the scratch page's first row
         lens[:n] = pos + 1
         if buf.splits == 1:
@@ -94,12 +106,16 @@ class PagedDecodeGraphs:
             split, rows = split_table(full, lens.tolist(), c.page_size, buf.splits, buf.table.shape[1])
         buf.head.copy_(torch.from_numpy(head.reshape(-1)), non_blocking=True)
         buf.meta.copy_(torch.from_numpy(np.concatenate([split.reshape(-1), rows])), non_blocking=True)
-        buf.graph.replay()
+        if buf.graph is not None:
+            buf.graph.replay()
+        else:
+            self._forward(buf)
         return buf.logits[:n]
 
     def _forward(self, buf: StepBuffers) -> None:
         m, c = self.model.model, self.cache
-        x = m.embed_tokens(buf.ids)
+        ids = torch.where(buf.src >= 0, self.prev[buf.src.clamp(min=0)], buf.ids)
+        x = m.embed_tokens(ids)
         cos, sin = m.rotary.cos_sin(buf.pos, x.dtype)
         for i, layer in enumerate(m.layers):
             q, k, v = layer.pre_attention(x, cos, sin)
@@ -113,20 +129,25 @@ class PagedDecodeGraphs:
                 o, _ = merge_splits(o, lse, buf.rows, buf.splits)
             x = layer.post_attention(x, o)
         buf.logits.copy_(self.model.logits(m.norm(x)))
+        self.prev[: len(ids)].copy_(buf.logits.argmax(dim=-1))
 
     @torch.inference_mode()
     def _capture(self, n: int) -> StepBuffers:
         c, cfg = self.cache, self.model.config
         dev = self.device
-        splits = splits_for(n, cfg.num_key_value_heads, self.num_sms)
+        splits = splits_for(n, cfg.num_key_value_heads, self.num_sms) if self.num_sms else 1
         width = -(-c.max_pages_per_seq // splits)
-        head = torch.zeros(3 * n, dtype=torch.long, device=dev)
+        head = torch.zeros(4 * n, dtype=torch.long, device=dev)
+        head[3 * n :] = -1
         meta = torch.zeros(n * splits * width + n * splits, dtype=torch.int32, device=dev)
         meta[n * splits * width :] = 1  # every chunk row sees the scratch row until filled
-        buf = StepBuffers(head, head[:n], head[n : 2 * n], head[2 * n :], meta,
+        buf = StepBuffers(head, head[:n], head[n : 2 * n], head[2 * n : 3 * n], head[3 * n :], meta,
                           meta[: n * splits * width].view(n * splits, width), meta[n * splits * width :],
                           torch.zeros(n, cfg.vocab_size, dtype=torch.float32, device=dev), splits)
         c.arena  # allocate before capture: the graph must not own the cache
+        if not self.capture:
+            self._sets[n] = buf
+            return buf
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm up: kernels compiled, cuBLAS workspaces chosen

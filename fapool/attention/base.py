@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fapool.attention import triton_decode
-from fapool.attention.paged import PagedPlan, gathered
+from fapool.attention.paged import PagedPlan, gathered, padded_decode
 from fapool.attention.triton_decode import SplitPlan, decode_split_kv, triton_decode_reason
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,13 @@ class AttentionKernel(ABC):
         """One query row per sequence, q (B, Hq, D), over its pages of k_pages, v_pages
         (pages, page_size, Hkv, D). Returns out (B, Hq, D) and lse (Hq, B)."""
         return gathered(self, q, k_pages, v_pages, plan, scale, causal=False)
+
+    def paged_decode(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
+                     seq_lens: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
+        """`decode_paged` from device tensors only (page_table (B, W) int32, seq_lens (B,) int32), so
+        that it can be captured: a padded gather of every table row, in float32. Exact, but it
+        reads W pages a row whatever the length; kernels that read pages themselves override it."""
+        return padded_decode(q, k_pages, v_pages, page_table, seq_lens, scale)
 
     def prefill_paged(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
                       scale: float | None = None) -> Tensor:

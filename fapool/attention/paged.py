@@ -77,6 +77,23 @@ def gathered(kernel: "AttentionKernel", q: Tensor, k_pages: Tensor, v_pages: Ten
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
+def padded_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seq_lens: Tensor,
+                  scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Decode over whole page-table rows with the rows past each length masked: static shapes and
+    device metadata only. q (B, Hq, D) -> out (B, Hq, D), lse (Hq, B)."""
+    b, hq, d = q.shape
+    k = k_pages[page_table.long()].flatten(1, 2).float()  # (B, W * P, Hkv, D)
+    v = v_pages[page_table.long()].flatten(1, 2).float()
+    hkv = k.shape[2]
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bthd->bhgt", qg, k) * (scale or d**-0.5)
+    t = torch.arange(k.shape[1], device=q.device)
+    s = s.masked_fill((t[None, :] >= seq_lens[:, None]).view(b, 1, 1, -1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G)
+    out = torch.einsum("bhgt,bthd->bhgd", torch.exp(s - lse[..., None]), v)
+    return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq).transpose(0, 1).contiguous()
+
+
 def split_table(table: np.ndarray, lengths: list[int], page_size: int, splits: int,
                 width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut each sequence's pages into `splits` chunks of whole pages: the page table (B * S, W')

@@ -221,3 +221,61 @@ def test_recompute_gives_the_same_tokens(engine):
         if not engine.has_unfinished():
             break
     assert got == list(want)
+
+
+def stepped_engine(**kw):
+    """An engine whose local decode steps run whole through the step-graph path, eagerly (no CUDA
+    here), with async scheduling: tokens reach the caller one step late."""
+    e = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=8192, max_model_len=512, **kw))
+    e.use_step_graphs(capture=False)
+    return e
+
+
+def test_async_decode_gives_the_same_tokens_one_step_late(engine):
+    async_engine = stepped_engine()
+    assert async_engine.async_decode is not None
+    ps = prompts(6, seed=21)
+    lengths = [24, 5, 17, 24, 9, 13]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    want = [c.token_ids for c in engine.generate(ps, params)]
+    got: dict[str, list[int]] = {}
+    rid, join_at, step, blind = {}, {0: [0, 1], 3: [2], 4: [3, 4], 10: [5]}, 0, 0
+    while step < 300 and (async_engine.has_unfinished() or step <= max(join_at)):
+        for i in join_at.get(step, []):
+            rid[async_engine.add_request(None, params[i], prompt_token_ids=ps[i])] = i
+        for out in async_engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        blind += async_engine.async_decode.inflight is not None
+        step += 1
+    assert blind > 10  # most decode steps really ran ahead of their tokens
+    for r, i in rid.items():
+        assert tuple(got[r]) == want[i], f"request {i} differs with async decode"
+    assert async_engine.cache.reserved_tokens == 0
+
+
+def test_async_decode_stops_exactly_and_aborts_in_flight(engine):
+    e = stepped_engine()
+    p = prompts(1, seed=22)[0]
+    full = run_alone(engine, p)
+    stop_tok = full[5]
+    sp = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(stop_tok,))
+    [c] = e.generate([p], sp)
+    assert c.token_ids == full[: full.index(stop_tok) + 1] and c.finish_reason == "stop"
+    rid = e.add_request(None, GREEDY, prompt_token_ids=p)
+    got = []
+    for _ in range(6):
+        got += [t for o in e.step() for t in o.new_token_ids]
+    assert e.async_decode.inflight is not None
+    out = e.abort(rid)
+    assert out.finish_reason == "abort"
+    while e.has_unfinished():
+        assert not [o for o in e.step() if o.new_token_ids]  # the step in flight is dropped
+    assert got == list(full[: len(got)]) and e.cache.reserved_tokens == 0
+
+
+def test_sampled_requests_take_the_synchronous_step_path_with_the_same_tokens(engine):
+    ps = prompts(3, seed=23)
+    sp = [SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=s) for s in (1, 2, 3)]
+    want = [c.token_ids for c in engine.generate(ps, sp)]
+    e = stepped_engine()
+    assert [c.token_ids for c in e.generate(ps, sp)] == want
