@@ -11,13 +11,14 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator
 
 import ray
 
-from actors.config import CONTROLLER_NAME, NAMESPACE, ClusterConfig
+from actors.config import ClusterConfig
 from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
 from actors.pooled_attention import PooledAttention, PoolFailure
 from actors.transport import DataPlane
@@ -61,6 +62,7 @@ class BaseActor:
 
         self.engine = LLMEngine(cfg.engine, executor_factory=make_executor)
         self.node_ip = ray.util.get_node_ip_address()
+        self.incarnation = uuid.uuid4().hex  # a restarted actor answers `ping` with a new one
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_epoch: tuple[EpochSpec, Any] | None = None
@@ -68,6 +70,7 @@ class BaseActor:
         self._last_report: tuple = ()
         self._last_report_s = 0.0
         self._steps: deque[StepRecord] = deque(maxlen=20000)
+        self._stats = self._make_stats()  # published by the engine thread, read without waiting
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"engine-b{base_id}")
         self._thread.start()
@@ -113,8 +116,18 @@ class BaseActor:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def ping(self) -> tuple[int, str]:
+        """Answered on the event loop, never behind an engine step: (base id, incarnation)."""
+        return self.base_id, self.incarnation
+
     async def stats(self) -> BaseStats:
-        return await self._ask("stats")
+        """As of the latest engine step: a long prefill never delays the answer."""
+        return self._stats
+
+    async def set_controller(self, controller: Any) -> None:
+        """The controller that hears this base's reports (it calls this when it (re)starts)."""
+        self._controller = controller
+        self._last_report = ()  # report at once to the new controller
 
     async def set_capacity(self, capacity: int) -> None:
         """How many members the cluster can give: a long prompt waits only for a pool that can come."""
@@ -153,25 +166,36 @@ class BaseActor:
     def _run(self) -> None:
         idle = True
         while not self._stop.is_set():
-            # Block for commands when nothing can run (idle, or every request waits for the pool).
-            self._drain_inbox(block=idle or not self.engine.has_unfinished())
-            idle = False
-            if self.engine.has_unfinished():
-                try:
-                    outputs = self._timed_step()
-                except PoolFailure as e:
-                    log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
-                    self._recover()
-                    continue
-                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
-                    log.exception("base %d: step failed", self.base_id)
-                    self._fail_all(f"internal error: {e}")
-                    continue
-                self._emit_events([self._event(out) for out in outputs])
-                idle = self.engine.last_batch is None
-            self._report()
+            try:
+                idle = self._iterate(idle)
+            except Exception:  # noqa: BLE001 - nothing may end this thread: it is the whole engine
+                log.exception("base %d: engine loop", self.base_id)
+                idle = True
         if self.executor is not None:
             self.executor.retire_plane()
+
+    def _iterate(self, idle: bool) -> bool:
+        """Commands, then one step; returns whether the engine is idle."""
+        # Block for commands when nothing can run (idle, or every request waits for the pool).
+        self._drain_inbox(block=idle or not self.engine.has_unfinished())
+        idle = False
+        if self.engine.has_unfinished():
+            try:
+                outputs = self._timed_step()
+            except PoolFailure as e:
+                log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
+                self._recover()
+                return False
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                log.exception("base %d: step failed", self.base_id)
+                self._fail_all(f"internal error: {e}")
+                return False
+            finally:
+                self._stats = self._make_stats()
+            self._emit_events([self._event(out) for out in outputs])
+            idle = self.engine.last_batch is None
+        self._report()
+        return idle
 
     def _timed_step(self) -> list[RequestOutput]:
         t_wall, t0 = time.time(), time.perf_counter()
@@ -209,6 +233,13 @@ class BaseActor:
                 return
 
     def _handle(self, kind: str, arg: Any) -> None:
+        try:
+            self._command(kind, arg)
+        except Exception:  # noqa: BLE001 - one bad command must not stop the engine
+            log.exception("base %d: command %r failed", self.base_id, kind)
+        self._stats = self._make_stats()
+
+    def _command(self, kind: str, arg: Any) -> None:
         ex = self.executor
         assert ex is not None
         if kind == "add":
@@ -223,18 +254,23 @@ class BaseActor:
             pass
         else:
             value, fut = arg
+            # The caller's await may have been cancelled (a client gave up): then nobody wants
+            # the answer, and setting it would raise InvalidStateError.
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
                 fut.set_result(self._answer(kind, value))
             except Exception as e:  # noqa: BLE001 - hand the error to the caller
                 fut.set_exception(e)
 
+    def _make_stats(self) -> BaseStats:
+        sched, ex = self.engine.scheduler, self.executor
+        return BaseStats(self.base_id, ex.spec.epoch, len(sched.running), len(sched.waiting), len(ex.pooled),
+                         ex.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
+                         tuple(sched.contexts_in_flight()))
+
     def _answer(self, kind: str, value: Any) -> Any:
         ex = self.executor
-        if kind == "stats":
-            sched = self.engine.scheduler
-            return BaseStats(self.base_id, ex.spec.epoch, len(sched.running), len(sched.waiting), len(ex.pooled),
-                             ex.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
-                             tuple(sched.contexts_in_flight()))
         if kind == "draining":
             ex.spec = EpochSpec(ex.spec.epoch, ex.spec.members, frozenset(value))
             return ex.seqs_per_member()
@@ -316,9 +352,9 @@ class BaseActor:
         if not force and state == self._last_report and now - self._last_report_s < REPORT_EVERY_S:
             return
         self._last_report, self._last_report_s = state, now
+        if self._controller is None:  # no controller yet (or a bare test): nothing to tell
+            return
         try:
-            if self._controller is None:
-                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
             self._controller.report.remote(BaseReport(self.base_id, ex.spec.epoch, contexts, per_member, failed))
-        except Exception:  # noqa: BLE001 - no controller (a bare test): nothing to tell
-            self._controller = None
+        except Exception:  # noqa: BLE001 - a dead controller: its successor calls set_controller
+            log.debug("base %d: report failed", self.base_id, exc_info=True)
