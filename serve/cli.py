@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--accelerator-type", default=None, help="pin actors to one GPU model, e.g. A100 or H100")
     s.add_argument("--api-key", default=None, help="require this key on every route but /health (or FAPOOL_API_KEY)")
     s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
+    s.add_argument("--max-cpu-members", type=int, default=None,
+                   help="pool actors at most on CPU (default: one per core the base actors leave free)")
     s.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache per base (default: from memory)")
     s.add_argument("--request-timeout-s", type=float, default=600.0)
     s.add_argument("--max-inflight", type=int, default=1024, help="requests in flight before HTTP 429")
