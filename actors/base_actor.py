@@ -21,7 +21,7 @@ import ray
 from actors.config import ClusterConfig
 from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
 from actors.pooled_attention import PooledAttention, PoolFailure
-from actors.transport import DataPlane
+from actors.transport import LOOPBACK, DataPlane
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.policy import PolicyConfig
@@ -65,7 +65,7 @@ class BaseActor:
         self.incarnation = uuid.uuid4().hex  # a restarted actor answers `ping` with a new one
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending_epoch: tuple[EpochSpec, Any] | None = None
+        self._pending_epoch: tuple[EpochSpec, Any, str] | None = None
         self._controller = None
         self._last_report: tuple = ()
         self._last_report_s = 0.0
@@ -145,9 +145,11 @@ class BaseActor:
 
     async def prepare_epoch(self, spec: EpochSpec) -> tuple[str, int]:
         """Open the rendezvous store of a new group; members join it, then `commit_epoch`."""
-        store = DataPlane.host_store(self.node_ip, self.cfg.data_plane_timeout_s) if spec.members else None
-        self._pending_epoch = (spec, store)
-        return self.node_ip, (store.port if store is not None else 0)
+        # Loopback when every member shares this node: the group is then unreachable from outside.
+        host = LOOPBACK if all(m.node_ip == self.node_ip for m in spec.members) else self.node_ip
+        store = DataPlane.host_store(host, self.cfg.data_plane_timeout_s) if spec.members else None
+        self._pending_epoch = (spec, store, host)
+        return host, (store.port if store is not None else 0)
 
     async def commit_epoch(self, epoch: int) -> list[str]:
         """Switch the engine to the prepared group between two steps; returns recomputed requests."""
@@ -296,11 +298,11 @@ class BaseActor:
 
     def _switch_epoch(self, epoch: int) -> list[str]:
         assert self._pending_epoch is not None and self._pending_epoch[0].epoch == epoch
-        spec, store = self._pending_epoch
+        spec, store, host = self._pending_epoch
         self._pending_epoch = None
         plane = None
         if spec.members:
-            plane = DataPlane.connect(store, self.node_ip, store.port, f"epoch{epoch}/", 0,
+            plane = DataPlane.connect(store, host, store.port, f"epoch{epoch}/", 0,
                                       1 + len(spec.members), self.engine.loaded.device, self.cfg.data_plane_timeout_s)
         stale = self.executor.switch_epoch(spec, plane)
         self.engine.recompute(stale)
