@@ -21,6 +21,7 @@ import ray
 from actors.config import ClusterConfig
 from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
 from actors.pooled_attention import PooledAttention, PoolFailure
+from actors.streams import Streams, drain, event_of
 from actors.transport import LOOPBACK, DataPlane
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
@@ -29,21 +30,6 @@ from fapool.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
-
-
-def _drain(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
-    """The event just awaited plus those already waiting: when the engine runs ahead of the caller,
-    one Ray streaming item carries several steps instead of costing a round each. Each event stays
-    one engine step (at most one token), so the ingress can still stream one event per token."""
-    batch = [ev]
-    while batch[-1].finish_reason is None and not events.empty():
-        batch.append(events.get_nowait())
-    return tuple(batch)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
-    for events, ev in items:
-        events.put_nowait(ev)
 
 
 class BaseActor:
@@ -64,7 +50,7 @@ class BaseActor:
         self.node_ip = ray.util.get_node_ip_address()
         self.incarnation = uuid.uuid4().hex  # a restarted actor answers `ping` with a new one
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams = Streams()
         self._pending_epoch: tuple[EpochSpec, Any, str] | None = None
         self._controller = None
         self._last_report: tuple = ()
@@ -91,25 +77,23 @@ class BaseActor:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[tuple[TokenEvent, ...]]:
         """Stream a request's steps: each item is one or more `TokenEvent`s (one per engine step);
         the last event has `finish_reason`."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         rid = req.request_id
         if rid in self._streams:
             yield (TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
                               error_type="invalid_request"),)
             return
-        self._streams[rid] = (loop, events)
+        events = self._streams.open(rid)
         finished = False
         try:
             self._inbox.put(("add", req))
             while True:
-                batch = _drain(await events.get(), events)
+                batch = drain(await events.get(), events)
                 finished = batch[-1].finish_reason is not None
                 yield batch
                 if finished:
                     return
         finally:
-            self._streams.pop(rid, None)
+            self._streams.close(rid)
             if not finished:  # the caller went away: free its KV now
                 self._inbox.put(("abort", rid))
 
@@ -194,7 +178,7 @@ class BaseActor:
                 return False
             finally:
                 self._stats = self._make_stats()
-            self._emit_events([self._event(out) for out in outputs])
+            self._streams.emit([event_of(out) for out in outputs])
             idle = self.engine.last_batch is None
         self._report()
         return idle
@@ -287,14 +271,14 @@ class BaseActor:
 
     def _add(self, req: GenerateRequest) -> None:
         if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
-            self._emit_event(TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
-                                        error_type="overloaded"))
+            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
+                                               error_type="overloaded")])
             return
         try:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._emit_event(TokenEvent(req.request_id, (), "", "error", error=str(e), error_type="invalid_request"))
+            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e), error_type="invalid_request")])
 
     def _switch_epoch(self, epoch: int) -> list[str]:
         assert self._pending_epoch is not None and self._pending_epoch[0].epoch == epoch
@@ -321,25 +305,7 @@ class BaseActor:
                 self._emit(out, error=message)
 
     def _emit(self, out: RequestOutput, error: str | None = None) -> None:
-        self._emit_event(self._event(out, error))
-
-    @staticmethod
-    def _event(out: RequestOutput, error: str | None = None) -> TokenEvent:
-        return TokenEvent(
-            out.request_id, out.new_token_ids, out.text_delta,
-            ("error" if error else out.finish_reason) if out.finished else None,
-            out.prompt_tokens, out.completion_tokens, error or out.error, "internal" if error else None,
-        )
-
-    def _emit_event(self, ev: TokenEvent) -> None:
-        self._emit_events([ev])
-
-    def _emit_events(self, evs: list[TokenEvent]) -> None:
-        """Hand a step's events to their streams with one wake-up of the event loop, not one per
-        request: the loop's thread competes with this one for the GIL."""
-        targets = [(t, ev) for ev in evs if (t := self._streams.get(ev.request_id)) is not None]
-        if targets:
-            targets[0][0][0].call_soon_threadsafe(_deliver, [(queue_, ev) for (_, queue_), ev in targets])
+        self._streams.emit([event_of(out, error)])
 
     def _report(self, force: bool = False, failed: bool = False) -> None:
         """Tell the controller the contexts in flight when they change (fire and forget)."""
