@@ -9,6 +9,7 @@ or by `ClusterConfig.max_cpu_members` when set.
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 
@@ -34,8 +35,16 @@ def pool_capacity(cfg: ClusterConfig, held: int) -> int:
 def cpu_member_cap(cfg: ClusterConfig) -> int:
     if cfg.max_cpu_members is not None:
         return cfg.max_cpu_members
-    cores = int(ray.cluster_resources().get("CPU", 0))
-    return max(0, cores - cfg.num_base_actors)
+    return max(0, int(_cluster_cpus()) - cfg.num_base_actors)
+
+
+_cpus: list[float] = []  # (time, CPUs): the controller asks every tick, the GCS need not answer each
+
+
+def _cluster_cpus(max_age_s: float = 10.0) -> float:
+    if not _cpus or time.monotonic() - _cpus[0] > max_age_s:
+        _cpus[:] = [time.monotonic(), ray.cluster_resources().get("CPU", 0.0)]
+    return _cpus[1]
 
 
 def request_gpus(cfg: ClusterConfig, num_bases: int, target: int) -> None:

@@ -77,6 +77,7 @@ class PoolController:
             me = ray.get_runtime_context().current_actor
             await asyncio.gather(*(b.set_controller.remote(me) for b in self.bases))
             stats = await asyncio.gather(*(b.stats.remote() for b in self.bases))
+            await self._tell_capacity(self.bases)
             self.epoch = max([self.epoch, *(s.epoch for s in stats)])
             self.reports = {s.base_id: BaseReport(s.base_id, s.epoch, s.contexts) for s in stats}
             if self.epoch > 0:  # a base still holds a group of members that are gone
@@ -101,6 +102,7 @@ class PoolController:
             self.bases[base_id] = base
             self.base_info[base_id] = await base.ready.remote()
             await base.set_controller.remote(ray.get_runtime_context().current_actor)
+            await self._tell_capacity([base])  # a new base assumes max_pool until told
             await self._form_epoch(self.members, self.draining)
         self._wake.set()
 
@@ -142,7 +144,7 @@ class PoolController:
             size=len(self.members), target=self.state.target, epoch=self.epoch,
             members=tuple(sorted(self.members)), draining=tuple(sorted(self.draining)),
             standby=len(self.standby),
-            capacity=pool_capacity(self.cfg, len(self.members) + len(self.standby)), longest_context=max(contexts, default=0), contexts=contexts,
+            capacity=self._capacity(), longest_context=max(contexts, default=0), contexts=contexts,
             events=tuple(self.events),
         )
 
@@ -153,8 +155,17 @@ class PoolController:
             changes["standby_members"] = standby_members
         self.cfg = self.cfg.replace(**changes)
         await asyncio.gather(*(b.set_policy.remote(policy) for b in self.bases))
+        await self._tell_capacity(self.bases)  # before any request meets the new policy
         self._refill_standby()
         self._wake.set()
+
+    def _capacity(self) -> int:
+        return pool_capacity(self.cfg, len(self.members) + len(self.standby))
+
+    async def _tell_capacity(self, bases: list[Any]) -> None:
+        """How many members the cluster can give: a long prompt waits only for a pool that can come."""
+        self._told_capacity = self._capacity()
+        await asyncio.gather(*(b.set_capacity.remote(self._told_capacity) for b in bases))
 
     async def member_handle(self, member_id: int) -> Any:
         return self.members[member_id].handle
@@ -186,7 +197,7 @@ class PoolController:
             await self._heal()
         contexts = [c for r in self.reports.values() for c in r.contexts]
         prev = self.state.target
-        capacity = pool_capacity(self.cfg, len(self.members) + len(self.standby))
+        capacity = self._capacity()
         d = decide(contexts, capacity, self.state, now, self.cfg.policy)
         self.state = d.state
         if d.target != prev:

@@ -15,10 +15,12 @@ from fapool import EngineConfig, LLMEngine, SamplingParams
 NAMESPACE = "fapool"
 
 
-def ray_address(server) -> str:
-    """The GCS address `fapool serve` prints when it is up."""
-    m = re.search(r"Ray at (\S+?)\)", Path(server.log.name).read_text())
-    assert m, "fapool serve did not print its Ray address"
+def ray_address(server, timeout_s: float = 60) -> str:
+    """The GCS address `fapool serve` prints once `serve.run` returns (`/ready` may come first)."""
+    deadline = time.monotonic() + timeout_s
+    while not (m := re.search(r"Ray at (\S+?)\)", Path(server.log.name).read_text())):
+        assert time.monotonic() < deadline, "fapool serve did not print its Ray address"
+        time.sleep(0.2)
     return m.group(1)
 
 

@@ -89,6 +89,10 @@ def test_killing_the_base_ends_streams_with_an_error_and_recovers_in_30s(server,
     wait_tokens(streams, 3)
     driver.ray.kill(driver.base(0))  # for good: the supervisor creates the base again
     killed = time.monotonic()
+    while (h := client.get("/health")).status_code == 200:  # unhealthy while no base can serve
+        assert time.monotonic() - killed < 10, "/health stayed 200 with the only base dead"
+        time.sleep(0.05)
+    assert h.status_code == 503 and h.json()["error"]["code"] == "unhealthy"
     for s in streams:
         s.join(timeout_s=30)
         err = s.errored()
