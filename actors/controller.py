@@ -17,25 +17,19 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from actors.capacity import on_cuda, pool_capacity, request_gpus
 from actors.config import ClusterConfig
-from actors.messages import BaseReport, EpochSpec, JoinSpec, MemberInfo, PoolStatus, ScaleEvent
+from actors.epochs import Member, form_epoch, push_draining, seqs_per_member
+from actors.messages import BaseReport, PoolStatus, ScaleEvent
 from actors.pool_actor import AttentionPoolActor
 from fapool.policy import MAX_POOL, PolicyConfig, PolicyState, decide
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
-
-
-@dataclass
-class Member:
-    handle: Any
-    info: MemberInfo
 
 
 class PoolController:
@@ -211,17 +205,17 @@ class PoolController:
             revive = sorted(self.draining)[: d.target - len(active)]
             if revive:
                 self.draining -= set(revive)
-                await self._push_draining()
+                await push_draining(self.bases, self.draining)
             if d.target - len(active) - len(revive) > 0:
                 await self._add(d.target - len(active) - len(revive), d.reason)
         elif d.target < len(active):
-            counts = await self._seqs_per_member()
+            counts = await seqs_per_member(self.bases)
             # Drain the members holding the fewest sequences, the newest first on ties.
             pick = sorted(active, key=lambda m: (counts.get(m, 0), -m))[: len(active) - d.target]
             self.draining |= set(pick)
-            await self._push_draining()
+            await push_draining(self.bases, self.draining)
         if self.draining:
-            counts = await self._seqs_per_member()
+            counts = await seqs_per_member(self.bases)
             idle = [m for m in self.draining if counts.get(m, 0) == 0]
             if idle:
                 await self._remove(idle, "drained: " + d.reason)
@@ -308,34 +302,13 @@ class PoolController:
             await self._form_epoch(self.members, self.draining)  # a transient error: re-form the group
 
     async def _form_epoch(self, members: dict[int, Member], draining: set[int]) -> None:
-        """Build a new data-plane group for every base with these members."""
         self.epoch += 1
-        spec = EpochSpec(self.epoch, tuple(m.info for _, m in sorted(members.items())), frozenset(draining))
-        addrs = await asyncio.gather(*(b.prepare_epoch.remote(spec) for b in self.bases))
-        for base_id, (host, port) in enumerate(addrs):
-            for rank, info in enumerate(spec.members, start=1):
-                members[info.member_id].handle.join.remote(
-                    JoinSpec(base_id, spec.epoch, host, port, rank, 1 + len(spec.members)))
-        await asyncio.gather(*(b.commit_epoch.remote(spec.epoch) for b in self.bases))
-        self.reports = {k: BaseReport(r.base_id, spec.epoch, r.contexts, r.seqs_per_member, False)
+        await form_epoch(self.bases, self.epoch, members, draining)
+        self.reports = {k: BaseReport(r.base_id, self.epoch, r.contexts, r.seqs_per_member, False)
                         for k, r in self.reports.items()}
-
-    async def _push_draining(self) -> dict[int, int]:
-        res = await asyncio.gather(*(b.set_draining.remote(frozenset(self.draining)) for b in self.bases))
-        return _sum_counts(res)
-
-    async def _seqs_per_member(self) -> dict[int, int]:
-        return _sum_counts(await asyncio.gather(*(b.seqs_per_member.remote() for b in self.bases)))
 
     def _event(self, before: int, after: int, direction: str, reason: str) -> None:
         self.events.append(ScaleEvent(time.time(), before, after, direction, reason))
         self.scale_counts[direction] += 1
         log.info("pool %s %d -> %d: %s", direction, before, after, reason)
 
-
-def _sum_counts(per_base: list[dict[int, int]]) -> dict[int, int]:
-    total: dict[int, int] = {}
-    for counts in per_base:
-        for mid, n in counts.items():
-            total[mid] = total.get(mid, 0) + n
-    return total
