@@ -11,16 +11,18 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator
 
 import ray
 
-from actors.config import CONTROLLER_NAME, NAMESPACE, ClusterConfig
+from actors.config import ClusterConfig
 from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
 from actors.pooled_attention import PooledAttention, PoolFailure
-from actors.transport import DataPlane
+from actors.streams import Streams, drain, event_of
+from actors.transport import LOOPBACK, DataPlane
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.policy import PolicyConfig
@@ -28,21 +30,6 @@ from fapool.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
-
-
-def _drain(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
-    """The event just awaited plus those already waiting: when the engine runs ahead of the caller,
-    one Ray streaming item carries several steps instead of costing a round each. Each event stays
-    one engine step (at most one token), so the ingress can still stream one event per token."""
-    batch = [ev]
-    while batch[-1].finish_reason is None and not events.empty():
-        batch.append(events.get_nowait())
-    return tuple(batch)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
-    for events, ev in items:
-        events.put_nowait(ev)
 
 
 class BaseActor:
@@ -61,13 +48,15 @@ class BaseActor:
 
         self.engine = LLMEngine(cfg.engine, executor_factory=make_executor)
         self.node_ip = ray.util.get_node_ip_address()
+        self.incarnation = uuid.uuid4().hex  # a restarted actor answers `ping` with a new one
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending_epoch: tuple[EpochSpec, Any] | None = None
+        self._streams = Streams()
+        self._pending_epoch: tuple[EpochSpec, Any, str] | None = None
         self._controller = None
         self._last_report: tuple = ()
         self._last_report_s = 0.0
         self._steps: deque[StepRecord] = deque(maxlen=20000)
+        self._stats = self._make_stats()  # published by the engine thread, read without waiting
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"engine-b{base_id}")
         self._thread.start()
@@ -88,33 +77,41 @@ class BaseActor:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[tuple[TokenEvent, ...]]:
         """Stream a request's steps: each item is one or more `TokenEvent`s (one per engine step);
         the last event has `finish_reason`."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         rid = req.request_id
         if rid in self._streams:
             yield (TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
                               error_type="invalid_request"),)
             return
-        self._streams[rid] = (loop, events)
+        events = self._streams.open(rid)
         finished = False
         try:
             self._inbox.put(("add", req))
             while True:
-                batch = _drain(await events.get(), events)
+                batch = drain(await events.get(), events)
                 finished = batch[-1].finish_reason is not None
                 yield batch
                 if finished:
                     return
         finally:
-            self._streams.pop(rid, None)
+            self._streams.close(rid)
             if not finished:  # the caller went away: free its KV now
                 self._inbox.put(("abort", rid))
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def ping(self) -> tuple[int, str]:
+        """Answered on the event loop, never behind an engine step: (base id, incarnation)."""
+        return self.base_id, self.incarnation
+
     async def stats(self) -> BaseStats:
-        return await self._ask("stats")
+        """As of the latest engine step: a long prefill never delays the answer."""
+        return self._stats
+
+    async def set_controller(self, controller: Any) -> None:
+        """The controller that hears this base's reports (it calls this when it (re)starts)."""
+        self._controller = controller
+        self._last_report = ()  # report at once to the new controller
 
     async def set_capacity(self, capacity: int) -> None:
         """How many members the cluster can give: a long prompt waits only for a pool that can come."""
@@ -132,9 +129,11 @@ class BaseActor:
 
     async def prepare_epoch(self, spec: EpochSpec) -> tuple[str, int]:
         """Open the rendezvous store of a new group; members join it, then `commit_epoch`."""
-        store = DataPlane.host_store(self.node_ip, self.cfg.data_plane_timeout_s) if spec.members else None
-        self._pending_epoch = (spec, store)
-        return self.node_ip, (store.port if store is not None else 0)
+        # Loopback when every member shares this node: the group is then unreachable from outside.
+        host = LOOPBACK if all(m.node_ip == self.node_ip for m in spec.members) else self.node_ip
+        store = DataPlane.host_store(host, self.cfg.data_plane_timeout_s) if spec.members else None
+        self._pending_epoch = (spec, store, host)
+        return host, (store.port if store is not None else 0)
 
     async def commit_epoch(self, epoch: int) -> list[str]:
         """Switch the engine to the prepared group between two steps; returns recomputed requests."""
@@ -153,25 +152,36 @@ class BaseActor:
     def _run(self) -> None:
         idle = True
         while not self._stop.is_set():
-            # Block for commands when nothing can run (idle, or every request waits for the pool).
-            self._drain_inbox(block=idle or not self.engine.has_unfinished())
-            idle = False
-            if self.engine.has_unfinished():
-                try:
-                    outputs = self._timed_step()
-                except PoolFailure as e:
-                    log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
-                    self._recover()
-                    continue
-                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
-                    log.exception("base %d: step failed", self.base_id)
-                    self._fail_all(f"internal error: {e}")
-                    continue
-                self._emit_events([self._event(out) for out in outputs])
-                idle = self.engine.last_batch is None
-            self._report()
+            try:
+                idle = self._iterate(idle)
+            except Exception:  # noqa: BLE001 - nothing may end this thread: it is the whole engine
+                log.exception("base %d: engine loop", self.base_id)
+                idle = True
         if self.executor is not None:
             self.executor.retire_plane()
+
+    def _iterate(self, idle: bool) -> bool:
+        """Commands, then one step; returns whether the engine is idle."""
+        # Block for commands when nothing can run (idle, or every request waits for the pool).
+        self._drain_inbox(block=idle or not self.engine.has_unfinished())
+        idle = False
+        if self.engine.has_unfinished():
+            try:
+                outputs = self._timed_step()
+            except PoolFailure as e:
+                log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
+                self._recover()
+                return False
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                log.exception("base %d: step failed", self.base_id)
+                self._fail_all(f"internal error: {e}")
+                return False
+            finally:
+                self._stats = self._make_stats()
+            self._streams.emit([event_of(out) for out in outputs])
+            idle = self.engine.last_batch is None
+        self._report()
+        return idle
 
     def _timed_step(self) -> list[RequestOutput]:
         t_wall, t0 = time.time(), time.perf_counter()
@@ -209,6 +219,13 @@ class BaseActor:
                 return
 
     def _handle(self, kind: str, arg: Any) -> None:
+        try:
+            self._command(kind, arg)
+        except Exception:  # noqa: BLE001 - one bad command must not stop the engine
+            log.exception("base %d: command %r failed", self.base_id, kind)
+        self._stats = self._make_stats()
+
+    def _command(self, kind: str, arg: Any) -> None:
         ex = self.executor
         assert ex is not None
         if kind == "add":
@@ -223,18 +240,23 @@ class BaseActor:
             pass
         else:
             value, fut = arg
+            # The caller's await may have been cancelled (a client gave up): then nobody wants
+            # the answer, and setting it would raise InvalidStateError.
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
                 fut.set_result(self._answer(kind, value))
             except Exception as e:  # noqa: BLE001 - hand the error to the caller
                 fut.set_exception(e)
 
+    def _make_stats(self) -> BaseStats:
+        sched, ex = self.engine.scheduler, self.executor
+        return BaseStats(self.base_id, ex.spec.epoch, len(sched.running), len(sched.waiting), len(ex.pooled),
+                         ex.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
+                         tuple(sched.contexts_in_flight()))
+
     def _answer(self, kind: str, value: Any) -> Any:
         ex = self.executor
-        if kind == "stats":
-            sched = self.engine.scheduler
-            return BaseStats(self.base_id, ex.spec.epoch, len(sched.running), len(sched.waiting), len(ex.pooled),
-                             ex.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
-                             tuple(sched.contexts_in_flight()))
         if kind == "draining":
             ex.spec = EpochSpec(ex.spec.epoch, ex.spec.members, frozenset(value))
             return ex.seqs_per_member()
@@ -249,22 +271,22 @@ class BaseActor:
 
     def _add(self, req: GenerateRequest) -> None:
         if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
-            self._emit_event(TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
-                                        error_type="overloaded"))
+            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
+                                               error_type="overloaded")])
             return
         try:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._emit_event(TokenEvent(req.request_id, (), "", "error", error=str(e), error_type="invalid_request"))
+            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e), error_type="invalid_request")])
 
     def _switch_epoch(self, epoch: int) -> list[str]:
         assert self._pending_epoch is not None and self._pending_epoch[0].epoch == epoch
-        spec, store = self._pending_epoch
+        spec, store, host = self._pending_epoch
         self._pending_epoch = None
         plane = None
         if spec.members:
-            plane = DataPlane.connect(store, self.node_ip, store.port, f"epoch{epoch}/", 0,
+            plane = DataPlane.connect(store, host, store.port, f"epoch{epoch}/", 0,
                                       1 + len(spec.members), self.engine.loaded.device, self.cfg.data_plane_timeout_s)
         stale = self.executor.switch_epoch(spec, plane)
         self.engine.recompute(stale)
@@ -283,25 +305,7 @@ class BaseActor:
                 self._emit(out, error=message)
 
     def _emit(self, out: RequestOutput, error: str | None = None) -> None:
-        self._emit_event(self._event(out, error))
-
-    @staticmethod
-    def _event(out: RequestOutput, error: str | None = None) -> TokenEvent:
-        return TokenEvent(
-            out.request_id, out.new_token_ids, out.text_delta,
-            ("error" if error else out.finish_reason) if out.finished else None,
-            out.prompt_tokens, out.completion_tokens, error or out.error, "internal" if error else None,
-        )
-
-    def _emit_event(self, ev: TokenEvent) -> None:
-        self._emit_events([ev])
-
-    def _emit_events(self, evs: list[TokenEvent]) -> None:
-        """Hand a step's events to their streams with one wake-up of the event loop, not one per
-        request: the loop's thread competes with this one for the GIL."""
-        targets = [(t, ev) for ev in evs if (t := self._streams.get(ev.request_id)) is not None]
-        if targets:
-            targets[0][0][0].call_soon_threadsafe(_deliver, [(queue_, ev) for (_, queue_), ev in targets])
+        self._streams.emit([event_of(out, error)])
 
     def _report(self, force: bool = False, failed: bool = False) -> None:
         """Tell the controller the contexts in flight when they change (fire and forget)."""
@@ -316,9 +320,9 @@ class BaseActor:
         if not force and state == self._last_report and now - self._last_report_s < REPORT_EVERY_S:
             return
         self._last_report, self._last_report_s = state, now
+        if self._controller is None:  # no controller yet (or a bare test): nothing to tell
+            return
         try:
-            if self._controller is None:
-                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
             self._controller.report.remote(BaseReport(self.base_id, ex.spec.epoch, contexts, per_member, failed))
-        except Exception:  # noqa: BLE001 - no controller (a bare test): nothing to tell
-            self._controller = None
+        except Exception:  # noqa: BLE001 - a dead controller: its successor calls set_controller
+            log.debug("base %d: report failed", self.base_id, exc_info=True)

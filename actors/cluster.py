@@ -1,5 +1,5 @@
-"""The local entry point: start or join a Ray cluster, start the controller and base actors,
-and generate. `serve/` builds on this; tests and scripts use it directly:
+"""The local entry point: start or join a Ray cluster, start (or explicitly join) an FA Pool
+cluster, and generate. `serve/` builds on this; tests and scripts use it directly:
 
     with Cluster.start(ClusterConfig()) as cluster:
         print(cluster.generate("Hello", SamplingParams(max_tokens=16, temperature=0)).text)
@@ -15,9 +15,9 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from actors.config import CONTROLLER_NAME, NAMESPACE, ClusterConfig
-from actors.controller import PoolController
+from actors.config import NAMESPACE, ClusterConfig
 from actors.messages import GenerateRequest, PoolStatus, TokenEvent
+from actors.supervisor import Supervisor
 from fapool.sampling import SamplingParams
 
 
@@ -39,35 +39,53 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
     ray.init(address=address, namespace=NAMESPACE, **init_kwargs)
 
 
-def get_or_create_controller(cfg: ClusterConfig):
-    """The named, detached controller; created (and its bases started) if absent."""
-    try:
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-    except ValueError:
-        # FAPOOL_* switches (attention kernel, Triton decode) set where the cluster is started
-        # reach every actor: Ray hands the controller's runtime_env down to the actors it creates.
-        env = {k: v for k, v in os.environ.items() if k.startswith("FAPOOL_")}
-        controller = (
-            ray.remote(PoolController)
-            .options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-                     max_concurrency=1000, get_if_exists=True,
-                     **({"runtime_env": {"env_vars": env}} if env else {}))
-            .remote(cfg)
-        )
-    ray.get(controller.start.remote())
-    return controller
-
-
 class Cluster:
-    def __init__(self, controller: Any) -> None:
-        self.controller = controller
-        self.bases = ray.get(controller.get_bases.remote())
+    """A client of one FA Pool cluster. `start` creates a new cluster that this process owns
+    (under a unique name unless one is given); `join` attaches to a running one by name. Nothing
+    ever joins a cluster by accident, so a job's exit never touches another app's actors."""
+
+    def __init__(self, controller: Any, supervisor: Supervisor | None = None) -> None:
+        self._controller = controller
+        self.supervisor = supervisor
+        self.name = supervisor.name if supervisor is not None else None
+        self._bases = ray.get(controller.get_bases.remote()) if supervisor is None else None
         self._rr = itertools.count()
 
     @classmethod
-    def start(cls, cfg: ClusterConfig, address: str | None = None, **init_kwargs: Any) -> "Cluster":
+    def start(cls, cfg: ClusterConfig, address: str | None = None, *, name: str | None = None,
+              detached: bool = False, **init_kwargs: Any) -> "Cluster":
+        """Start a new cluster. `name` (default: unique) names its controller, and its bases
+        `NAME-base-I`; a name already in use is an error, never a join. A `detached` cluster
+        outlives this process (see `actors/supervisor.py`)."""
         connect(address, **init_kwargs)
-        return cls(get_or_create_controller(cfg))
+        name = name or f"fapool-{uuid.uuid4().hex[:10]}"
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"an FA Pool cluster named {name!r} is already running; "
+                             f"use Cluster.join({name!r}) to use it, or start one under another name")
+        return cls(None, Supervisor(cfg, name, detached).start())  # type: ignore[arg-type]
+
+    @classmethod
+    def join(cls, name: str, address: str | None = None, **init_kwargs: Any) -> "Cluster":
+        """Use a running cluster (raises ValueError if none has this name). `shutdown` of a
+        joined cluster leaves it running."""
+        connect(address, **init_kwargs)
+        controller = ray.get_actor(name, namespace=NAMESPACE)
+        ray.get(controller.start.remote())  # waits until its bases are attached
+        c = cls(controller)
+        c.name = name
+        return c
+
+    @property
+    def controller(self) -> Any:
+        return self.supervisor.controller if self.supervisor is not None else self._controller
+
+    @property
+    def bases(self) -> list[Any]:
+        return self.supervisor.bases if self.supervisor is not None else self._bases
 
     def pick_base(self) -> Any:
         return self.bases[next(self._rr) % len(self.bases)]
@@ -109,16 +127,16 @@ class Cluster:
         return ray.get(self.controller.status.remote())
 
     def shutdown(self) -> None:
-        """Stop the controller, its bases and pool members."""
-        try:
-            ray.get(self.controller.shutdown.remote(), timeout=60)
-        finally:
-            ray.kill(self.controller)
-        # The controller's name is free again only once Ray has seen it die.
+        """Stop the cluster this process started (members, controller, bases); a joined
+        cluster is left running."""
+        if self.supervisor is None:
+            return
+        self.supervisor.shutdown()
+        # The name is free again only once Ray has seen the controller die.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+                ray.get_actor(self.supervisor.name, namespace=NAMESPACE)
             except ValueError:
                 return
             time.sleep(0.1)

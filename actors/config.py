@@ -8,7 +8,7 @@ from typing import Any
 from fapool.config import EngineConfig
 from fapool.policy import PolicyConfig
 
-CONTROLLER_NAME = "fapool-controller"
+CONTROLLER_NAME = "fapool-controller"  # the name a job passes to share a kept cluster (serve.batch)
 NAMESPACE = "fapool"
 
 
@@ -27,12 +27,18 @@ class ClusterConfig:
     max_waiting_per_base: int = 256  # beyond this a base refuses new requests (HTTP 429)
     standby_members: int = 0  # pool actors kept started but idle, so growth skips actor start-up
     profile: bool = False  # time step phases (attention, waiting on the pool, merge) for benchmarks
+    # Pool members on CPU reserve no Ray resource, so Ray would place any number on one node and
+    # they would fight for its cores. None: one member per CPU core the bases leave free.
+    max_cpu_members: int | None = None
+    supervise_every_s: float = 0.5  # how often the supervisor pings the controller and bases
 
     def __post_init__(self) -> None:
         if self.num_base_actors < 1:
             raise ValueError(f"num_base_actors={self.num_base_actors}; use at least 1")
         if self.max_waiting_per_base < 1:
             raise ValueError(f"max_waiting_per_base={self.max_waiting_per_base}; use at least 1")
+        if self.max_cpu_members is not None and self.max_cpu_members < 0:
+            raise ValueError(f"max_cpu_members={self.max_cpu_members}; use 0 or more")
 
     def gpus_per_actor(self, on_cuda: bool) -> float:
         if self.actor_num_gpus is not None:

@@ -1,4 +1,9 @@
-"""`PoolController`: grows and shrinks the attention pool, and owns the base and pool actors.
+"""`PoolController`: grows and shrinks the attention pool, and owns the pool actors.
+
+The base actors belong to the cluster's supervisor (`actors/supervisor.py`), not to the controller,
+so a controller's death never takes them down. The supervisor hands them over with `attach` (at
+start, and again after the controller restarts) and tells of a base that came back with
+`base_replaced`; the controller then re-learns the bases' contexts and forms a new epoch.
 
 Each tick it applies the pure policy (`fapool.policy.decide`) to the contexts the bases report,
 then reconciles: new members are created, started and joined to a new data-plane epoch before any
@@ -10,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from actors.base_actor import BaseActor
+from actors.capacity import on_cuda, pool_capacity, request_gpus
 from actors.config import ClusterConfig
-from actors.messages import BaseReport, EpochSpec, JoinSpec, MemberInfo, PoolStatus, ScaleEvent
+from actors.epochs import Member, form_epoch, push_draining, seqs_per_member
+from actors.messages import BaseReport, PoolStatus, ScaleEvent
 from actors.pool_actor import AttentionPoolActor
 from fapool.policy import MAX_POOL, PolicyConfig, PolicyState, decide
 
@@ -26,15 +32,10 @@ log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
 
 
-@dataclass
-class Member:
-    handle: Any
-    info: MemberInfo
-
-
 class PoolController:
     def __init__(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
+        self.incarnation = uuid.uuid4().hex  # a restarted controller answers `ping` with a new one
         self.bases: list[Any] = []
         self.base_info: list[dict[str, Any]] = []
         self.members: dict[int, Member] = {}
@@ -46,25 +47,68 @@ class PoolController:
         self.reports: dict[int, BaseReport] = {}
         self.events: deque[ScaleEvent] = deque(maxlen=cfg.max_events)
         self.scale_counts = {"up": 0, "down": 0}
+        self.drain_deadline_s: float | None = None  # wall clock: the ingress is shutting down
         self._next_id = 1
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one membership change at a time (ticks, rejoins)
         self._suspect = False
         self._last_health_s = 0.0
         self._task: asyncio.Task | None = None
         self._told_capacity = cfg.policy.max_pool  # what the bases assume until told otherwise
 
     # ---- lifecycle ------------------------------------------------------------------------
-    async def start(self) -> list[dict[str, Any]]:
-        """Create the base actors and start the policy loop (idempotent)."""
-        if self.bases:
-            return self.base_info
-        on_cuda = self._on_cuda()
-        cls = ray.remote(BaseActor).options(**self.cfg.actor_options(on_cuda), max_concurrency=1000)
-        self.bases = [cls.remote(i, self.cfg) for i in range(self.cfg.num_base_actors)]
-        self.base_info = list(await asyncio.gather(*(b.ready.remote() for b in self.bases)))
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-        self._refill_standby()
+    async def ping(self) -> tuple[str, bool, float | None]:
+        """(incarnation, whether bases are attached, the drain deadline if shutting down)."""
+        return self.incarnation, bool(self.bases), self.drain_deadline_s
+
+    async def attach(self, bases: list[Any]) -> list[dict[str, Any]]:
+        """Take the bases (from the supervisor) and start the policy loop. After a restart this
+        re-learns their contexts and epoch, and forms a fresh epoch: the old members died with
+        the old controller."""
+        async with self._lock:
+            self.bases = list(bases)
+            self.base_info = list(await asyncio.gather(*(b.ready.remote() for b in self.bases)))
+            me = ray.get_runtime_context().current_actor
+            await asyncio.gather(*(b.set_controller.remote(me) for b in self.bases))
+            stats = await asyncio.gather(*(b.stats.remote() for b in self.bases))
+            await self._tell_capacity(self.bases)
+            self.epoch = max([self.epoch, *(s.epoch for s in stats)])
+            self.reports = {s.base_id: BaseReport(s.base_id, s.epoch, s.contexts) for s in stats}
+            if self.epoch > 0:  # a base still holds a group of members that are gone
+                await self._form_epoch({}, set())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._refill_standby()
+        self._wake.set()
         return self.base_info
+
+    async def start(self) -> list[dict[str, Any]]:
+        """The bases' info once attached (what a joining client waits for)."""
+        while not self.bases:
+            await asyncio.sleep(0.1)
+        return self.base_info
+
+    async def base_replaced(self, base_id: int, base: Any) -> None:
+        """A base came back (restarted by Ray, or re-created by the supervisor): forget what the
+        dead one reported and give the new one the pool in a new epoch."""
+        async with self._lock:
+            self.reports.pop(base_id, None)
+            self.bases[base_id] = base
+            self.base_info[base_id] = await base.ready.remote()
+            await base.set_controller.remote(ray.get_runtime_context().current_actor)
+            await self._tell_capacity([base])  # a new base assumes max_pool until told
+            await self._form_epoch(self.members, self.draining)
+        self._wake.set()
+
+    async def base_down(self, base_id: int) -> None:
+        """A base stopped answering: its contexts are no longer in flight."""
+        self.reports.pop(base_id, None)
+        self._wake.set()
+
+    async def begin_drain(self, deadline_s: float) -> None:
+        """The ingress is shutting down (SIGTERM): it refuses new requests and ends those still
+        running at `deadline_s` (wall clock). The ingress reads this with `ping`."""
+        self.drain_deadline_s = deadline_s
 
     async def get_bases(self) -> list[Any]:
         return self.bases
@@ -73,16 +117,13 @@ class PoolController:
         return self.base_info
 
     async def shutdown(self) -> None:
+        """Stop the policy loop and the pool members (the supervisor stops the bases)."""
         if self._task is not None:
             self._task.cancel()
-        await asyncio.gather(*(b.shutdown.remote() for b in self.bases), return_exceptions=True)
         for m in (*self.members.values(), *self.standby.values()):
             ray.kill(m.handle)
-        for b in self.bases:
-            ray.kill(b)
         self.members.clear()
         self.standby.clear()
-        self.bases = []
 
     # ---- inputs and outputs ---------------------------------------------------------------
     async def report(self, r: BaseReport) -> None:
@@ -108,8 +149,17 @@ class PoolController:
             changes["standby_members"] = standby_members
         self.cfg = self.cfg.replace(**changes)
         await asyncio.gather(*(b.set_policy.remote(policy) for b in self.bases))
+        await self._tell_capacity(self.bases)  # before any request meets the new policy
         self._refill_standby()
         self._wake.set()
+
+    def _capacity(self) -> int:
+        return pool_capacity(self.cfg, len(self.members) + len(self.standby))
+
+    async def _tell_capacity(self, bases: list[Any]) -> None:
+        """How many members the cluster can give: a long prompt waits only for a pool that can come."""
+        self._told_capacity = self._capacity()
+        await asyncio.gather(*(b.set_capacity.remote(self._told_capacity) for b in bases))
 
     async def member_handle(self, member_id: int) -> Any:
         return self.members[member_id].handle
@@ -131,6 +181,10 @@ class PoolController:
                 log.exception("pool reconcile failed")
 
     async def _reconcile(self) -> None:
+        async with self._lock:
+            await self._reconcile_locked()
+
+    async def _reconcile_locked(self) -> None:
         now = time.monotonic()
         if self._suspect or (self.members and now - self._last_health_s > HEALTH_EVERY_S):
             self._last_health_s = now
@@ -141,7 +195,7 @@ class PoolController:
         d = decide(contexts, capacity, self.state, now, self.cfg.policy)
         self.state = d.state
         if d.target != prev:
-            self._request_gpus(d.target)
+            request_gpus(self.cfg, len(self.bases), d.target)
         if capacity != self._told_capacity:
             self._told_capacity = capacity
             for b in self.bases:
@@ -151,17 +205,17 @@ class PoolController:
             revive = sorted(self.draining)[: d.target - len(active)]
             if revive:
                 self.draining -= set(revive)
-                await self._push_draining()
+                await push_draining(self.bases, self.draining)
             if d.target - len(active) - len(revive) > 0:
                 await self._add(d.target - len(active) - len(revive), d.reason)
         elif d.target < len(active):
-            counts = await self._seqs_per_member()
+            counts = await seqs_per_member(self.bases)
             # Drain the members holding the fewest sequences, the newest first on ties.
             pick = sorted(active, key=lambda m: (counts.get(m, 0), -m))[: len(active) - d.target]
             self.draining |= set(pick)
-            await self._push_draining()
+            await push_draining(self.bases, self.draining)
         if self.draining:
-            counts = await self._seqs_per_member()
+            counts = await seqs_per_member(self.bases)
             idle = [m for m in self.draining if counts.get(m, 0) == 0]
             if idle:
                 await self._remove(idle, "drained: " + d.reason)
@@ -182,8 +236,10 @@ class PoolController:
         if n <= 0:
             return {}
         info = self.base_info[0]
-        opts = self.cfg.actor_options(self._on_cuda())
-        cls = ray.remote(AttentionPoolActor).options(**opts, max_concurrency=8)
+        opts = self.cfg.actor_options(on_cuda(self.cfg))
+        # Members live and die with this controller (max_restarts=0): a lost member costs its
+        # bases a recompute, and the policy starts a new one.
+        cls = ray.remote(AttentionPoolActor).options(**opts, max_concurrency=8, max_restarts=0)
         new = {}
         for _ in range(n):
             mid, self._next_id = self._next_id, self._next_id + 1
@@ -246,58 +302,13 @@ class PoolController:
             await self._form_epoch(self.members, self.draining)  # a transient error: re-form the group
 
     async def _form_epoch(self, members: dict[int, Member], draining: set[int]) -> None:
-        """Build a new data-plane group for every base with these members."""
         self.epoch += 1
-        spec = EpochSpec(self.epoch, tuple(m.info for _, m in sorted(members.items())), frozenset(draining))
-        addrs = await asyncio.gather(*(b.prepare_epoch.remote(spec) for b in self.bases))
-        for base_id, (host, port) in enumerate(addrs):
-            for rank, info in enumerate(spec.members, start=1):
-                members[info.member_id].handle.join.remote(
-                    JoinSpec(base_id, spec.epoch, host, port, rank, 1 + len(spec.members)))
-        await asyncio.gather(*(b.commit_epoch.remote(spec.epoch) for b in self.bases))
-        self.reports = {k: BaseReport(r.base_id, spec.epoch, r.contexts, r.seqs_per_member, False)
+        await form_epoch(self.bases, self.epoch, members, draining)
+        self.reports = {k: BaseReport(r.base_id, self.epoch, r.contexts, r.seqs_per_member, False)
                         for k, r in self.reports.items()}
-
-    async def _push_draining(self) -> dict[int, int]:
-        res = await asyncio.gather(*(b.set_draining.remote(frozenset(self.draining)) for b in self.bases))
-        return _sum_counts(res)
-
-    async def _seqs_per_member(self) -> dict[int, int]:
-        return _sum_counts(await asyncio.gather(*(b.seqs_per_member.remote() for b in self.bases)))
-
-    # ---- resources ------------------------------------------------------------------------
-    def _on_cuda(self) -> bool:
-        dev = self.cfg.engine.device
-        return dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-
-    def _capacity(self) -> int:
-        """Members the cluster can hold now: those we have plus what free GPUs allow."""
-        per = self.cfg.gpus_per_actor(self._on_cuda())
-        if per <= 0:
-            return self.cfg.policy.max_pool
-        free = ray.available_resources().get("GPU", 0.0)
-        return len(self.members) + len(self.standby) + int(free // per)
-
-    def _request_gpus(self, target: int) -> None:
-        per = self.cfg.gpus_per_actor(self._on_cuda())
-        if per <= 0:
-            return
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[{"GPU": per}] * (len(self.bases) + target))
-        except Exception as e:  # noqa: BLE001 - no autoscaler on a fixed cluster
-            log.debug("request_resources: %s", e)
 
     def _event(self, before: int, after: int, direction: str, reason: str) -> None:
         self.events.append(ScaleEvent(time.time(), before, after, direction, reason))
         self.scale_counts[direction] += 1
         log.info("pool %s %d -> %d: %s", direction, before, after, reason)
 
-
-def _sum_counts(per_base: list[dict[int, int]]) -> dict[int, int]:
-    total: dict[int, int] = {}
-    for counts in per_base:
-        for mid, n in counts.items():
-            total[mid] = total.get(mid, 0) + n
-    return total

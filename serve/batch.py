@@ -241,7 +241,7 @@ def open_cluster(args: argparse.Namespace, cfg: Any) -> tuple[Any, bool]:
     try:
         controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     except ValueError:
-        return Cluster.start(cfg), True
+        return Cluster.start(cfg, name=CONTROLLER_NAME, detached=args.keep_cluster), True
     print("serve.batch: using the running controller; cluster flags (--model, --device, ...) are ignored",
           file=sys.stderr)
     ray.get(controller.start.remote())  # idempotent: makes sure its bases exist

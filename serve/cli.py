@@ -7,12 +7,14 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from pydantic import ValidationError
 
 from fapool.policy import DEFAULT_CURVE
 
 log = logging.getLogger("fapool")
+APP = "fapool"  # the Serve application's name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,10 +32,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--accelerator-type", default=None, help="pin actors to one GPU model, e.g. A100 or H100")
     s.add_argument("--api-key", default=None, help="require this key on every route but /health (or FAPOOL_API_KEY)")
     s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
+    s.add_argument("--max-cpu-members", type=int, default=None,
+                   help="pool actors at most on CPU (default: one per core the base actors leave free)")
     s.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache per base (default: from memory)")
     s.add_argument("--request-timeout-s", type=float, default=600.0)
     s.add_argument("--max-inflight", type=int, default=1024, help="requests in flight before HTTP 429")
     s.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get HTTP 413")
+    s.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
     return p
 
 
@@ -48,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 def serve_main(args: argparse.Namespace) -> int:
     from serve.options import ServeOptions
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "address")}
+    if args.shutdown_grace_s < 0:
+        print("fapool serve: --shutdown-grace-s: use a duration >= 0", file=sys.stderr)
+        return 2
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "address", "shutdown_grace_s")}
     try:
         opts = ServeOptions(**fields)
     except ValidationError as e:
@@ -61,7 +70,6 @@ def serve_main(args: argparse.Namespace) -> int:
     from ray import serve
 
     from actors.cluster import connect
-    from actors.config import CONTROLLER_NAME, NAMESPACE
     from serve.app import build_app
 
     started_here = not (args.address or os.environ.get("RAY_ADDRESS"))
@@ -71,23 +79,55 @@ def serve_main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
-        serve.run(build_app(opts.model_dump()), name="fapool", route_prefix="/", blocking=False)
+        serve.run(build_app(opts.model_dump()), name=APP, route_prefix="/", blocking=False)
         key = " (API key required)" if opts.resolved_api_key() else ""
-        print(f"FA Pool serving {opts.model!r} on http://{opts.host}:{opts.port}{key}; Ctrl-C to stop", flush=True)
+        print(f"FA Pool serving {opts.model!r} on http://{opts.host}:{opts.port}{key}; Ctrl-C to stop "
+              f"(Ray at {ray.get_runtime_context().gcs_address})", flush=True)
         stop.wait()
     finally:
-        print("FA Pool shutting down", flush=True)
+        print(f"FA Pool shutting down: requests in flight get {args.shutdown_grace_s:g}s", flush=True)
         try:
-            serve.delete("fapool")
-            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-            ray.get(controller.shutdown.remote(), timeout=60)
-            ray.kill(controller)
+            drain(APP, args.shutdown_grace_s)
+        except Exception as e:  # noqa: BLE001 - shutting down anyway
+            log.warning("drain: %s", e)
+        try:
+            # The ingress replica owns the FA Pool cluster: deleting the app stops every actor.
+            serve.delete(APP)
         except Exception as e:  # noqa: BLE001 - shutting down anyway
             log.warning("cleanup: %s", e)
         if started_here:
             serve.shutdown()
             ray.shutdown()
+    print("FA Pool stopped", flush=True)
     return 0
+
+
+def drain(app: str, grace_s: float) -> None:
+    """Graceful shutdown: the app's ingress refuses new requests (`/ready` and new requests get
+    503) and ends those still running at the deadline with an error; this waits until none is
+    left on the bases, or the deadline."""
+    import ray
+
+    from actors.config import NAMESPACE
+
+    prefix = f"fapool-serve-{app}-"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == NAMESPACE and a["name"].startswith(prefix) and "-base-" not in a["name"]]
+    controllers = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+    if not controllers:
+        return
+    deadline = time.time() + grace_s
+    ray.get([c.begin_drain.remote(deadline) for c in controllers], timeout=10)
+    time.sleep(1.0)  # the ingress's supervisor hears of it within `supervise_every_s`
+    # Past the deadline the ingress ends what is left with an error event: give those a moment.
+    while time.time() < deadline + 5.0:
+        try:
+            statuses = ray.get([c.status.remote() for c in controllers], timeout=5)
+        except Exception:  # noqa: BLE001 - a dead controller: nothing more to wait for
+            return
+        if not any(st.contexts for st in statuses):
+            return
+        time.sleep(0.25)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class ServeOptions(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     kv_capacity_tokens: int | None = Field(None, ge=1)
     member_kv_capacity_tokens: int | None = Field(None, ge=1)
+    max_cpu_members: int | None = Field(None, ge=0, le=32)  # None: one per CPU core the bases leave free
     max_inflight: int = Field(1024, ge=1)
     max_waiting_per_base: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
@@ -72,6 +73,7 @@ class ServeOptions(BaseModel):
             num_base_actors=self.base_actors,
             accelerator_type=self.accelerator_type,
             member_kv_capacity_tokens=self.member_kv_capacity_tokens,
+            max_cpu_members=self.max_cpu_members,
             pool_wait_s=self.pool_wait_s,
             max_waiting_per_base=self.max_waiting_per_base,
         )

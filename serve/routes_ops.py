@@ -14,12 +14,19 @@ router = APIRouter()
 
 @router.get("/health")
 async def health():
-    return {"status": "ok"}
+    """Live while some base actor can generate (as vLLM's is while its engine is); the bases
+    restart by themselves, so a 503 here is an outage worth a page, not a reason to restart."""
+    if current().alive():
+        return {"status": "ok"}
+    return error_response(503, "no base actor is alive (all dead or restarting)", "unhealthy")
 
 
 @router.get("/ready")
 async def ready():
-    if await current().ready():
+    svc = current()
+    if svc.draining():
+        return error_response(503, "the server is shutting down", "shutting_down")
+    if await svc.ready():
         return {"status": "ready"}
     return error_response(503, "no base actor can generate right now", "not_ready")
 

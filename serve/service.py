@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from actors.cluster import connect, get_or_create_controller
+from actors.cluster import Cluster
 from actors.config import ClusterConfig
 from actors.messages import GenerateRequest, TokenEvent
 from fapool.config import PRESETS
@@ -30,6 +30,7 @@ class ServeLimits:
     request_timeout_s: float = 600.0
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
+    status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
 
 
 @dataclass
@@ -44,10 +45,11 @@ class Finished:
 class InferenceService:
     def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits()) -> None:
         self.cfg, self.limits = cfg, limits
-        connect()
-        self.controller = get_or_create_controller(cfg)
-        self.bases = ray.get(self.controller.get_bases.remote())
-        info = ray.get(self.controller.get_base_info.remote())[0]
+        # This replica owns its cluster: `serve shutdown` or a redeploy ends the replica and with
+        # it every actor of the cluster, and a redeploy starts one with the new settings.
+        self.cluster = Cluster.start(cfg, name=f"fapool-serve-{_app_name()}-{uuid.uuid4().hex[:8]}")
+        self.supervisor = self.cluster.supervisor
+        info = ray.get(self.cluster.controller.get_base_info.remote())[0]
         self.max_model_len = info["max_model_len"]
         model = cfg.engine.model
         self.model_name = model if model in PRESETS else model.rstrip("/").split("/")[-1]
@@ -56,14 +58,37 @@ class InferenceService:
         self.metrics = Metrics(lambda: self._snap)
         self._snap = Snapshot()
         self._snap_lock = asyncio.Lock()
-        self._inflight_by_base = [0] * len(self.bases)
+        self._inflight_by_base = [0] * cfg.num_base_actors
         self._next = 0
+
+    @property
+    def controller(self) -> Any:
+        return self.supervisor.controller
+
+    @property
+    def bases(self) -> list[Any]:
+        return self.supervisor.bases
+
+    # ---- health and draining --------------------------------------------------------------
+    def alive(self) -> bool:
+        """Some base can generate (the others may be restarting)."""
+        return any(self.supervisor.healthy)
+
+    def draining(self) -> bool:
+        """The server is shutting down (SIGTERM or SIGINT to `fapool serve`)."""
+        return self.supervisor.drain_deadline_s is not None
+
+    def inflight(self) -> int:
+        return sum(self._inflight_by_base)
 
     # ---- generation -----------------------------------------------------------------------
     async def open_stream(self, prompt: str | None, prompt_token_ids: list[int] | None,
                           params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Start a request and wait for its first event, so refusals surface as HTTP errors
         before any response is sent. Returns the stream, first event included."""
+        if self.draining():
+            raise APIError(503, "the server is shutting down; retry on another replica", "shutting_down",
+                           headers={"Retry-After": "1"})
         if sum(self._inflight_by_base) >= self.limits.max_inflight:
             raise APIError(429, "too many requests in flight; retry later", "overloaded",
                            headers={"Retry-After": "1"})
@@ -95,19 +120,11 @@ class InferenceService:
         self._inflight_by_base[b] += 1
         gen = base.generate.options(num_returns="streaming").remote(req)
         t0 = time.monotonic()
-        deadline = t0 + self.limits.request_timeout_s
         first_s = last_s = None
         done = False
         try:
             while True:
-                try:
-                    ref = await asyncio.wait_for(gen.__anext__(), timeout=max(deadline - time.monotonic(), 0.001))
-                    batch: tuple[TokenEvent, ...] = await ref
-                except StopAsyncIteration:
-                    raise APIError(500, "the base actor ended the stream early", "internal") from None
-                except asyncio.TimeoutError:
-                    raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:.0f}s",
-                                   "timeout") from None
+                batch = await self._next_batch(gen, t0)
                 for ev in batch:
                     if ev.finish_reason == "error":
                         done = True
@@ -126,18 +143,50 @@ class InferenceService:
                         return
         finally:
             self._inflight_by_base[b] -= 1
-            if not done:  # the client went away or timed out: stop generating, free the KV now
-                base.abort.remote(req.request_id)
+            if not done:  # the client went away, timed out or the server drains: free the KV now
                 try:
+                    base.abort.remote(req.request_id)
                     ray.cancel(gen)
-                except Exception:  # noqa: BLE001 - already finished
+                except Exception:  # noqa: BLE001 - already finished, or the base is gone
                     pass
 
+    async def _next_batch(self, gen: Any, t0: float) -> tuple[TokenEvent, ...]:
+        """The next item of a base's stream, or the error a client should see: 503 when the base
+        died (at once) or the server's drain deadline passed, 504 past the request timeout."""
+        nxt = asyncio.ensure_future(gen.__anext__())
+        try:
+            while True:
+                # Wake at least every second: a drain can begin while a long prefill runs.
+                wait_s = min(t0 + self.limits.request_timeout_s - time.monotonic(), 1.0)
+                if (end := self.supervisor.drain_deadline_s) is not None:
+                    wait_s = min(wait_s, end - time.time())
+                done, _ = await asyncio.wait({nxt}, timeout=max(wait_s, 0.0))
+                if done:
+                    return await nxt.result()
+                if time.monotonic() >= t0 + self.limits.request_timeout_s:
+                    raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:.0f}s",
+                                   "timeout")
+                if (end := self.supervisor.drain_deadline_s) is not None and time.time() >= end:
+                    raise APIError(503, "the server shut down before this request finished; retry it",
+                                   "shutting_down")
+        except StopAsyncIteration:
+            raise APIError(500, "the base actor ended the stream early", "internal") from None
+        except ray.exceptions.RayActorError as e:
+            log.warning("a base actor died under a request: %s", e)
+            raise APIError(503, "the base actor serving this request died; retry it", "base_unavailable",
+                           headers={"Retry-After": "1"}) from None
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+
     def _pick_base(self) -> int:
-        """The base with the fewest requests from this ingress; round-robin among equals."""
+        """The healthy base with the fewest requests from this ingress; round-robin among equals."""
         n = len(self.bases)
-        order = [(self._next + i) % n for i in range(n)]
+        order = [(self._next + i) % n for i in range(n) if self.supervisor.healthy[(self._next + i) % n]]
         self._next = (self._next + 1) % n
+        if not order:
+            raise APIError(503, "no base actor can generate right now (restarting); retry shortly",
+                           "base_unavailable", headers={"Retry-After": "1"})
         return min(order, key=lambda i: self._inflight_by_base[i])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -147,13 +196,20 @@ class InferenceService:
 
     # ---- pool snapshot --------------------------------------------------------------------
     async def snapshot(self) -> Snapshot:
+        """The pool's state, at most `snapshot_max_age_s` old; when the controller or a base
+        cannot answer within `status_timeout_s`, the last one (a status call never hangs)."""
         if time.time() - self._snap.time_s < self.limits.snapshot_max_age_s:
             return self._snap
         async with self._snap_lock:
             if time.time() - self._snap.time_s >= self.limits.snapshot_max_age_s:
-                status, counts, stats = await asyncio.gather(
-                    self.controller.status.remote(), self.controller.scale_counts_total.remote(),
-                    asyncio.gather(*(b.stats.remote() for b in self.bases)))
+                bases = [b for b, ok in zip(self.bases, self.supervisor.healthy) if ok]
+                try:
+                    status, counts, stats = await asyncio.wait_for(asyncio.gather(
+                        self.controller.status.remote(), self.controller.scale_counts_total.remote(),
+                        asyncio.gather(*(b.stats.remote() for b in bases))), self.limits.status_timeout_s)
+                except Exception as e:  # noqa: BLE001 - a dead or busy actor: keep the last snapshot
+                    log.warning("pool snapshot: %r", e)
+                    return self._snap
                 snap = Snapshot()
                 snap.status, snap.scale_counts = status, counts
                 snap.running = sum(s.running for s in stats)
@@ -163,11 +219,8 @@ class InferenceService:
         return self._snap
 
     async def ready(self) -> bool:
-        try:
-            await asyncio.wait_for(asyncio.gather(*(b.stats.remote() for b in self.bases)), timeout=5)
-            return True
-        except Exception:  # noqa: BLE001 - a base that cannot answer is not ready
-            return False
+        """A base can generate and the server is not shutting down; never waits on an engine."""
+        return self.alive() and not self.draining()
 
     async def pool_json(self) -> dict[str, Any]:
         snap = await self.snapshot()
@@ -206,6 +259,15 @@ def current() -> InferenceService:
 
 def guard_settings() -> tuple[str | None, int]:
     return _guard_settings
+
+
+def _app_name() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - not in a Serve replica (a test builds the service directly)
+        return "local"
 
 
 def _to_api_error(ev: TokenEvent) -> APIError:

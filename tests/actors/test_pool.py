@@ -25,7 +25,8 @@ def cfg_for(model, cooldown_s=60.0, bases=1, curve=CURVE, max_pool=32, **kw):
     return ClusterConfig(
         engine=EngineConfig(model=model, device="cpu", kv_capacity_tokens=4096),
         policy=PolicyConfig(curve=curve, max_pool=max_pool, cooldown_s=cooldown_s),
-        num_base_actors=bases, member_kv_capacity_tokens=4096, pool_wait_s=120.0, **kw,
+        num_base_actors=bases, member_kv_capacity_tokens=4096, pool_wait_s=120.0,
+        **{"max_cpu_members": 32, **kw},
     )
 
 

@@ -1,7 +1,7 @@
 """A base actor's stream item carries every step already waiting, each still one event per step."""
 import asyncio
 
-from actors.base_actor import _drain
+from actors.streams import drain as _drain
 from actors.messages import TokenEvent
 
 

@@ -75,7 +75,7 @@ def ray_processes_of(pid: int) -> list[str]:
 @pytest.fixture(scope="package")
 def fapool_server():
     """The main server: tiny model, a small pool curve and a short cooldown."""
-    server = Server("--pool-curve", "16:1,32:2,64:3", "--pool-cooldown-s", "2")
+    server = Server("--pool-curve", "16:1,32:2,64:3", "--pool-cooldown-s", "2", "--max-cpu-members", "3")
     yield server.url
     code = server.stop()
     assert code == 0
