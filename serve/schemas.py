@@ -112,7 +112,8 @@ class CompletionBody(OpenAIFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Hints beside the text (e.g. cache_control) change no output: ignored, not refused.
+    model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: Text
 
