@@ -61,7 +61,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error") or first.get("msg")
         return f"the body is not valid JSON: {detail}", None, "invalid_json"
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # Drop "body" and the names pydantic gives union branches ("list[TextPart]"): not fields.
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x)]
     where = ".".join(loc)
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Union
 
-from pydantic import BeforeValidator, Field, StrictInt, StrictStr, ValidationInfo, WithJsonSchema
+from pydantic import (BeforeValidator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, StrictInt, StrictStr,
+                      ValidationInfo)
+from pydantic_core import core_schema
 
 from fapool.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, check_stops
 
@@ -112,16 +114,24 @@ CompletionPrompt = Annotated[
 
 
 # ---- fields that are part of the OpenAI API but that this server cannot apply ----------------
-def refused(*neutral: Any, fix: str) -> Any:
-    """A field accepted only at a value that changes nothing (`neutral`, or null); any other value
-    is a 400 that names the field, so nothing is silently ignored. The schema lists the same values."""
+class Refused:
+    """`Annotated[Any, Refused(neutral..., fix=...)]`: a field accepted only at a value that changes
+    nothing (`neutral`, or null); any other value is a 400 that names the field, so nothing is
+    silently ignored. The schema lists the same values."""
 
-    def check(v: Any, info: ValidationInfo) -> Any:
-        if v is None or any(_same(v, n) for n in neutral):
+    def __init__(self, *neutral: Any, fix: str) -> None:
+        self.neutral, self.fix = neutral, fix
+
+    def _check(self, v: Any, info: ValidationInfo) -> Any:
+        if v is None or any(_same(v, n) for n in self.neutral):
             return None
-        raise ValueError(f"{info.field_name}={_short(v)} is not supported by this server; {fix}")
+        raise ValueError(f"{info.field_name}={_short(v)} is not supported by this server; {self.fix}")
 
-    return Annotated[Any, BeforeValidator(check), WithJsonSchema({"enum": [*neutral, None]})]
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_before_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> dict:
+        return {"enum": [*self.neutral, None]}
 
 
 def _same(v: Any, n: Any) -> bool:

@@ -61,8 +61,14 @@ _limits: dict[int, int] = {}
 async def context_limit(svc) -> int:
     """The longest sequence every base can hold: the model's context, or less where the KV cache
     is smaller (asked once per service; InferenceService keeps only max_model_len)."""
+    known = getattr(svc, "max_seq_tokens", None)  # once the service keeps it, no question to ask
+    if known:
+        return min(svc.max_model_len, known)
     if id(svc) not in _limits:
-        infos = await svc.controller.get_base_info.remote()
+        try:
+            infos = await svc.controller.get_base_info.remote()
+        except Exception:  # noqa: BLE001 - no answer now: the model's context, asked again next time;
+            return svc.max_model_len  # the engine refuses (400) what its KV cache cannot hold
         _limits[id(svc)] = min([svc.max_model_len, *(i.get("max_seq_tokens", svc.max_model_len) for i in infos)])
     return _limits[id(svc)]
 

@@ -2,16 +2,17 @@
 
 Types are strict (`"16"` is not an integer; an integer is a float), unknown fields are refused,
 and every OpenAI field is either applied or, at any value that would change the output, refused
-with a 400 naming it (`refused(...)` in serve/fields.py).
+with a 400 naming it (`Refused` in serve/fields.py).
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from fapool.sampling import SamplingParams
-from serve.fields import CompletionPrompt, PromptIds, Stop, StopTokenIds, Text, check_text, refused
+from serve.fields import CompletionPrompt, PromptIds, Refused, Stop, StopTokenIds, Text, check_text
+
 
 class GenerateBody(BaseModel):
     """`POST /generate`: FA Pool's own simple route. Give exactly one of prompt or prompt_token_ids."""
@@ -75,13 +76,13 @@ class OpenAIFields(BaseModel):
     stop_token_ids: StopTokenIds = None
     ignore_eos: StrictBool | None = None
     # OpenAI fields that need engine support this server does not have yet.
-    n: refused(1, fix="send one request per choice") = None
-    logprobs: refused(False, fix="leave logprobs unset") = None
-    presence_penalty: refused(0, fix="leave it unset or 0") = None
-    frequency_penalty: refused(0, fix="leave it unset or 0") = None
-    logit_bias: refused({}, fix="leave it unset") = None
-    min_tokens: refused(0, fix="leave it unset or 0") = None
-    repetition_penalty: refused(1, fix="leave it unset or 1") = None
+    n: Annotated[Any, Refused(1, fix="send one request per choice")] = None
+    logprobs: Annotated[Any, Refused(False, fix="leave logprobs unset")] = None
+    presence_penalty: Annotated[Any, Refused(0, fix="leave it unset or 0")] = None
+    frequency_penalty: Annotated[Any, Refused(0, fix="leave it unset or 0")] = None
+    logit_bias: Annotated[Any, Refused({}, fix="leave it unset")] = None
+    min_tokens: Annotated[Any, Refused(0, fix="leave it unset or 0")] = None
+    repetition_penalty: Annotated[Any, Refused(1, fix="leave it unset or 1")] = None
 
     @model_validator(mode="after")
     def _stream_options(self) -> "OpenAIFields":
@@ -102,9 +103,9 @@ class CompletionBody(OpenAIFields):
     """`POST /v1/completions`. A list of strings or of token-id lists is a batch: one choice each."""
 
     prompt: CompletionPrompt
-    echo: refused(False, fix="leave echo unset or false") = None
-    best_of: refused(1, fix="leave best_of unset or 1") = None
-    suffix: refused("", fix="leave suffix unset") = None
+    echo: Annotated[Any, Refused(False, fix="leave echo unset or false")] = None
+    best_of: Annotated[Any, Refused(1, fix="leave best_of unset or 1")] = None
+    suffix: Annotated[Any, Refused("", fix="leave suffix unset")] = None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -112,7 +113,8 @@ class CompletionBody(OpenAIFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Hints beside the text (e.g. cache_control) change no output: ignored, not refused.
+    model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: Text
 
@@ -136,10 +138,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[Text, list[TextPart], None] = None
     name: Text | None = None
-    tool_calls: refused([], fix="send text messages") = None
-    tool_call_id: refused("", fix="send text messages") = None
+    tool_calls: Annotated[Any, Refused([], fix="send text messages")] = None
+    tool_call_id: Annotated[Any, Refused("", fix="send text messages")] = None
 
-    _check_content = field_validator("content", mode="before")(lambda v: _content(v))
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, v: Any) -> Any:
+        return _content(v)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -152,24 +157,24 @@ class ChatBody(OpenAIFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     # Accepted as records only: they change no output.
     metadata: dict[StrictStr, StrictStr] | None = None
-    store: refused(False, fix="this server stores nothing; leave store unset or false") = None
+    store: Annotated[Any, Refused(False, fix="this server stores nothing; leave store unset or false")] = None
     service_tier: StrictStr | None = None
     parallel_tool_calls: StrictBool | None = None  # meaningless without tools, which are refused
     prompt_cache_key: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     # Chat features that need what this server does not have.
-    top_logprobs: refused(0, fix="leave top_logprobs unset") = None
-    tools: refused([], fix="leave tools unset") = None
-    tool_choice: refused("none", fix="leave tool_choice unset") = None
-    functions: refused([], fix="leave functions unset") = None
-    function_call: refused("none", fix="leave function_call unset") = None
-    response_format: refused({"type": "text"}, fix="leave response_format unset") = None
-    audio: refused(fix="this model reads and writes text only; leave audio unset") = None
-    modalities: refused(["text"], fix="this model writes text only; leave modalities unset or [\"text\"]") = None
-    prediction: refused(fix="leave prediction unset") = None
-    reasoning_effort: refused(fix="leave reasoning_effort unset") = None
-    verbosity: refused(fix="leave verbosity unset") = None
-    web_search_options: refused(fix="leave web_search_options unset") = None
+    top_logprobs: Annotated[Any, Refused(0, fix="leave top_logprobs unset")] = None
+    tools: Annotated[Any, Refused([], fix="leave tools unset")] = None
+    tool_choice: Annotated[Any, Refused("none", fix="leave tool_choice unset")] = None
+    functions: Annotated[Any, Refused([], fix="leave functions unset")] = None
+    function_call: Annotated[Any, Refused("none", fix="leave function_call unset")] = None
+    response_format: Annotated[Any, Refused({"type": "text"}, fix="leave response_format unset")] = None
+    audio: Annotated[Any, Refused(fix="this model reads and writes text only; leave audio unset")] = None
+    modalities: Annotated[Any, Refused(["text"], fix='this model writes text only; leave it unset or ["text"]')] = None
+    prediction: Annotated[Any, Refused(fix="leave prediction unset")] = None
+    reasoning_effort: Annotated[Any, Refused(fix="leave reasoning_effort unset")] = None
+    verbosity: Annotated[Any, Refused(fix="leave verbosity unset")] = None
+    web_search_options: Annotated[Any, Refused(fix="leave web_search_options unset")] = None
 
     @property
     def requested_max_tokens(self) -> int | None:

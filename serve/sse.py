@@ -36,20 +36,26 @@ def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
-    """Like `asyncio.gather`, but the first failure cancels the rest (their requests are aborted)
-    and is raised as itself."""
+    """Like `asyncio.gather`, but the first failure cancels the rest and is raised as itself;
+    streams that had already opened are closed, which aborts their requests."""
     tasks = [asyncio.ensure_future(a) for a in aws]
+    ok = False
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()
-        return [t.result() for t in tasks]
-    finally:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in tasks:
-            if not t.done():
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+        results = [t.result() for t in tasks]
+        ok = True
+        return results
+    finally:
+        if not ok:
+            for t in tasks:
                 t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for t in tasks:
+                if not t.cancelled() and t.exception() is None and hasattr(t.result(), "aclose"):
+                    await t.result().aclose()
 
 
 async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
