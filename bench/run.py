@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save()
     with Cluster.start(ccfg) as cluster:
-        bench = Bench(cluster, cfg)
+        bench = Bench(cluster, cfg, prefill_budget=ccfg.engine.max_prefill_tokens)
         dtype_bytes = 2 if on_gpu else 4
         for pool in pools:
             bench.set_pool(pool)

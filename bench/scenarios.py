@@ -12,7 +12,7 @@ import ray
 import torch
 
 from actors.cluster import Cluster
-from fapool.config import ModelConfig
+from fapool.config import EngineConfig, ModelConfig
 from fapool.policy import PolicyConfig, PoolCurve
 from fapool.sampling import SamplingParams
 
@@ -22,6 +22,7 @@ class Bench:
     cluster: Cluster
     cfg: ModelConfig
     seed: int = 0
+    prefill_budget: int = EngineConfig().max_prefill_tokens  # prompt tokens per engine step
 
     @property
     def base(self):
@@ -86,9 +87,13 @@ class Bench:
     def decode(self, pool: int, n: int, batch: int, steps: int) -> dict:
         self.steps()
         before = self.member_stats() if pool else []
-        self.run([self.prompt(n) for _ in range(batch)], steps + 1)
+        # Prompts are prefilled a chunk a step while the first ones already decode: give every
+        # sequence room to outlast the others' prefill, so the whole batch decodes together.
+        self.run([self.prompt(n) for _ in range(batch)], steps + 1 + batch * (-(-n // self.prefill_budget) + 2))
         after = self.member_stats() if pool else []
         dec = [s for s in self.steps() if s.kind == "decode" and s.num_seqs == batch]
+        if not dec:
+            raise RuntimeError(f"no decode step ran the whole batch of {batch} at {n} tokens")
         walls = [s.wall_s for s in dec]
         tpot = statistics.median(walls)
         phases: dict[str, float] = {}
