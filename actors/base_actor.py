@@ -92,6 +92,10 @@ class BaseActor:
                 yield batch
                 if finished:
                     return
+                if len(self._streams) > self.cfg.stream_batching_above:
+                    # Under load, let a few steps' tokens gather: one Ray item (and one HTTP chunk)
+                    # then carries several, and the per-item cost no longer caps the token rate.
+                    await asyncio.sleep(self.cfg.stream_interval_s)
         finally:
             self._streams.close(rid)
             if not finished:  # the caller went away: free its KV now

@@ -46,6 +46,9 @@ class Streams:
     def __contains__(self, rid: str) -> bool:
         return rid in self._by_id
 
+    def __len__(self) -> int:
+        return len(self._by_id)
+
     def emit(self, evs: list[TokenEvent]) -> None:
         """From the engine thread: hand a step's events to their streams with one wake-up of the
         event loop, not one per request (the loop's thread competes with the engine for the GIL)."""

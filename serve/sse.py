@@ -19,20 +19,60 @@ def sse(obj: object) -> str:
 
 def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
     """Events ending with `data: [DONE]`. Once the stream has started (the status line is gone) any
-    error arrives as an OpenAI-shaped error event before `[DONE]`: a stream never just stops."""
+    error arrives as an OpenAI-shaped error event before `[DONE]`: a stream never just stops.
+    Events that are already at hand (one Ray item carries several steps under load) go out in one
+    HTTP chunk, still one SSE event per token."""
 
     async def stream() -> AsyncIterator[str]:
+        out: list[str] = []
         try:
-            async for chunk in chunks:
-                yield sse(chunk)
+            async for group in _ready_groups(chunks):
+                out = [sse(c) for c in group]
+                yield "".join(out)
+                out = []
         except APIError as e:
-            yield sse(error_body(e.status, e.message, e.code))
+            yield "".join(out) + sse(error_body(e.status, e.message, e.code))
         except Exception as e:  # noqa: BLE001 - logged with the request id, reported as an event
-            yield sse(internal_error("stream", e))
+            yield "".join(out) + sse(internal_error("stream", e))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _ready_groups(items: AsyncIterator[T], most: int = 256) -> AsyncIterator[list[T]]:
+    """Items in groups: each group is one awaited item plus those the iterator then yields without
+    waiting on anything (found by letting its next step run once)."""
+    it = items.__aiter__()
+    nxt: asyncio.Future | None = None
+    try:
+        while True:
+            nxt = nxt or asyncio.ensure_future(it.__anext__())
+            try:
+                group = [await nxt]
+            except StopAsyncIteration:
+                nxt = None
+                return
+            nxt = None
+            while len(group) < most:
+                nxt = asyncio.ensure_future(it.__anext__())
+                await asyncio.sleep(0)  # the iterator's step runs now; done if it did not wait
+                if not nxt.done():
+                    break
+                fut, nxt = nxt, None
+                try:
+                    group.append(fut.result())
+                except StopAsyncIteration:
+                    yield group
+                    return
+                except BaseException:
+                    yield group  # what came before the error still goes out, then the error
+                    raise
+            yield group
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
 
 
 async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
