@@ -141,12 +141,40 @@ async def stall(url: str, streams: int, stream_tokens: int, long_tokens: int, he
 async def ttft_table(url: str, headers: dict, seed: int, n: int = 2000) -> dict:
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=600) as client:
+        # As a client would: poll /ready, then send. This also pays the client's own first-use
+        # costs (imports, the connection), which are not the server's.
+        (await client.get(url + "/ready", headers=headers)).raise_for_status()
         ids = prompt(n, rng)
         first = await ttft_alone(client, url, ids, headers)
         repeated = [await ttft_alone(client, url, prompt(n, rng), headers) for _ in range(3)]
         new = [await ttft_alone(client, url, prompt(n + 1 + 7 * i, rng), headers) for i in range(3)]
     return {"tokens": n, "first_ms": 1e3 * first, "repeated_ms": [1e3 * x for x in repeated],
             "new_length_ms": [1e3 * x for x in new]}
+
+
+def markdown(paths: list[Path]) -> str:
+    """docs/benchmarks.md's HTTP section: one row per result file, side by side."""
+    rows = ["<!-- bench.serve start -->", "## HTTP serving (`bench.serve`)", "",
+            "| result | note | output tok/s | TPOT p50 / p99 ms | TTFT p50 / p99 ms | first after /ready vs repeated ms "
+            "| new length ms | stall: max gap ms, long TTFT vs alone |", "|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        r = json.loads(p.read_text())
+        ld, t, s = r["load"], r.get("ttft"), r.get("stall")
+        first = f"{t['first_ms']:.0f} vs {statistics.median(t['repeated_ms']):.0f}" if t else "-"
+        new = f"{statistics.median(t['new_length_ms']):.0f}" if t else "-"
+        stall = (f"{s['max_gap_ms']:.0f}; {s['long_ttft_with_streams_ms']:.0f} vs {s['long_ttft_alone_ms']:.0f}"
+                 if s else "-")
+        rows.append(f"| `{p.name}` | {r.get('note', '')} | {ld['output_tokens_per_s']:.0f} | "
+                    f"{ld['tpot_ms']['p50']:.2f} / {ld['tpot_ms']['p99']:.2f} | {ld['ttft_ms']['p50']:.0f} / "
+                    f"{ld['ttft_ms']['p99']:.0f} | {first} | {new} | {stall} |")
+    r0 = json.loads(paths[0].read_text())
+    ld = r0["load"]
+    rows += ["", f"Card: {r0.get('card', '?')}; command: `{r0.get('command', 'python -m bench.serve')}`. Load: "
+             f"concurrency {ld['concurrency']}, {ld['requests']} requests of {ld['prompt_tokens']} prompt tokens, "
+             f"{ld['max_tokens']} out, greedy. Stall: 8 streams decoding while a long prompt arrives. The "
+             "first-after-/ready figure of these runs includes the benchmark client's own first use "
+             "(bench.serve now polls /ready with its client before timing)."]
+    return "\n".join(rows + ["", "<!-- bench.serve end -->"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=30000, help="prompt ids are drawn below this")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--name", default="serve")
+    p.add_argument("--render", type=Path, nargs="*", default=None,
+                   help="write these results' section into --doc and stop")
+    p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = p.parse_args(argv)
+    if args.render:
+        text, section = args.doc.read_text(), markdown(args.render)
+        a, b = "<!-- bench.serve start -->", "<!-- bench.serve end -->"
+        if a in text:
+            text = text[: text.index(a)] + section + text[text.index(b) + len(b):]
+        else:
+            head, _, rest = text.partition("\n")
+            text = f"{head}\n\n{section}\n{rest}"
+        args.doc.write_text(text)
+        return 0
     VOCAB[0] = args.vocab
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     result: dict = {"url": args.url, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

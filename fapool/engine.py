@@ -245,12 +245,15 @@ class LLMEngine:
             return  # nothing to compile or capture
         if self.step_graphs is not None:
             self.step_graphs.capture_all()
-        for n in (1, 7, 100, 1000):
-            if n + 1 <= self.max_model_len and self.cache.can_allocate(n + 1):
-                rid = self.add_request(None, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
-                                       prompt_token_ids=[0] * n, request_id=f"warmup-{n}")
-                while self.scheduler.find(rid) is not None:
-                    self.step()
+        budget = self.scheduler.token_budget
+        # Alone, then together: prompt chunks up to the budget, and chunks beside decodes.
+        for group in ((1,), (7,), (100,), (1000,), (budget,), (3, 50, 2 * budget + 300)):
+            if max(group) + 1 > self.max_model_len or not self.cache.can_allocate(sum(group) + 3 * len(group)):
+                continue
+            sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            rids = [self.add_request(None, sp, prompt_token_ids=[0] * n, request_id=f"warmup-{n}") for n in group]
+            while any(self.scheduler.find(r) is not None for r in rids) or self.has_unfinished():
+                self.step()
 
     def generate(
         self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()

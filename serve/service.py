@@ -49,8 +49,14 @@ class InferenceService:
         # it every actor of the cluster, and a redeploy starts one with the new settings.
         self.cluster = Cluster.start(cfg, name=f"fapool-serve-{_app_name()}-{uuid.uuid4().hex[:8]}")
         self.supervisor = self.cluster.supervisor
-        info = ray.get(self.cluster.controller.get_base_info.remote())[0]
-        self.max_model_len = info["max_model_len"]
+        infos = ray.get(self.cluster.controller.get_base_info.remote())
+        self.max_model_len = infos[0]["max_model_len"]
+        self.max_seq_tokens = min(i["max_seq_tokens"] for i in infos)
+        # The first request through a base pays Ray's streaming set-up and the engine's first
+        # request: pay it here, before /ready says yes, so the first client does not.
+        warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        for base in self.bases:
+            self.cluster.generate(None, warm, prompt_token_ids=[1], base=base)
         model = cfg.engine.model
         self.model_name = model if model in PRESETS else model.rstrip("/").split("/")[-1]
         model_cfg = PRESETS[model] if model in PRESETS else load_model_config(model)
