@@ -46,7 +46,7 @@ def dead_for_good(handle: Any) -> bool:
 class Supervisor:
     def __init__(self, cfg: ClusterConfig, name: str, detached: bool = False) -> None:
         self.cfg, self.name, self.detached = cfg, name, detached
-        # FAPOOL_* switches (attention kernel, Triton decode) set where the cluster is started
+        # FAPOOL_* switches (the attention kernel) set where the cluster is started
         # reach every actor: the controller hands its runtime_env down to the pool members.
         env = {k: v for k, v in os.environ.items() if k.startswith("FAPOOL_")}
         self._opts: dict[str, Any] = {"namespace": NAMESPACE, "max_restarts": -1, "max_task_retries": 0,
