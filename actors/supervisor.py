@@ -33,6 +33,10 @@ def base_name(cluster: str, base_id: int) -> str:
     return f"{cluster}-base-{base_id}"
 
 
+def is_base_name(name: str) -> bool:
+    return "-base-" in name
+
+
 def dead_for_good(handle: Any) -> bool:
     """Whether Ray will not restart this actor (killed with `ray.kill`, or out of restarts)."""
     try:

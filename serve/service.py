@@ -47,7 +47,7 @@ class InferenceService:
         self.cfg, self.limits = cfg, limits
         # This replica owns its cluster: `serve shutdown` or a redeploy ends the replica and with
         # it every actor of the cluster, and a redeploy starts one with the new settings.
-        self.cluster = Cluster.start(cfg, name=f"fapool-serve-{_app_name()}-{uuid.uuid4().hex[:8]}")
+        self.cluster = Cluster.start(cfg, name=cluster_prefix(_app_name()) + uuid.uuid4().hex[:8])
         self.supervisor = self.cluster.supervisor
         infos = ray.get(self.cluster.controller.get_base_info.remote())
         self.max_model_len = infos[0]["max_model_len"]
@@ -265,6 +265,11 @@ def current() -> InferenceService:
 
 def guard_settings() -> tuple[str | None, int]:
     return _guard_settings
+
+
+def cluster_prefix(app: str) -> str:
+    """How the clusters of Serve application `app` are named (`fapool serve` drains them by it)."""
+    return f"fapool-serve-{app}-"
 
 
 def _app_name() -> str:
