@@ -33,7 +33,6 @@ class MemberInfo:
     member_id: int
     capacity_tokens: int
     node_ip: str
-    page_size: int = 16  # shards start on page boundaries and cover whole pages of this many rows
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,7 @@
 Each base owns an equal share of every member's KV arena (rows [base_id * quota, (base_id + 1) *
 quota)) and places its shards there itself, first fit over what it knows is free. So a shard
 is only sent where one contiguous region can take it (a member never has to refuse one and
-break the group), and the members need no allocator of their own for pooled KV. Shards take whole
-pages, so a member decodes all its shards with the same paged kernel as a base.
+break the group), and the members need no allocator of their own for pooled KV.
 """
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ class ShardPlacement:
         self._rows: dict[int, RowAllocator] = {}  # member id -> this base's share there
 
     def quota(self, m: MemberInfo) -> int:
-        """Rows of member `m` that are this base's to fill: whole pages."""
-        return m.capacity_tokens // self.num_bases // m.page_size * m.page_size
+        """Rows of member `m` that are this base's to fill."""
+        return m.capacity_tokens // self.num_bases
 
     def _share(self, m: MemberInfo) -> RowAllocator:
         rows = self._rows.get(m.member_id)
@@ -30,11 +29,11 @@ class ShardPlacement:
 
     def fits(self, members: list[MemberInfo], rows: list[int]) -> bool:
         """Whether member i can take a shard of rows[i] rows now, for every i."""
-        return all(self._share(m).can_allocate(_whole_pages(m, r)) for m, r in zip(members, rows))
+        return all(self._share(m).can_allocate(r) for m, r in zip(members, rows))
 
     def place(self, handle: int, members: list[MemberInfo], rows: list[int]) -> dict[int, int]:
         """Hold the rows of `handle`'s shards; returns each member's first arena row."""
-        return {m.member_id: self.base_id * self.quota(m) + self._share(m).allocate(_key(handle), _whole_pages(m, r))
+        return {m.member_id: self.base_id * self.quota(m) + self._share(m).allocate(_key(handle), r)
                 for m, r in zip(members, rows)}
 
     def release(self, handles: list[int]) -> None:
@@ -50,8 +49,3 @@ class ShardPlacement:
 
 def _key(handle: int) -> str:
     return f"h{handle}"
-
-
-def _whole_pages(m: MemberInfo, rows: int) -> int:
-    """Every shard starts on a page and takes whole pages: the member's paged kernel reads it so."""
-    return -(-rows // m.page_size) * m.page_size

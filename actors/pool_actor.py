@@ -39,9 +39,6 @@ class AttentionPoolActor:
             torch.cuda.set_device(self.device)
         torch_dtype = DTYPES[dtype]
         capacity = kv_capacity_tokens or capacity_from_memory(model_cfg, torch_dtype, self.device, 0.85)
-        # Shards sit on whole pages, so the arena is also the paged kernel's page pool.
-        self.page_size = 128 if self.device.type == "cuda" else 16
-        capacity = max(capacity // self.page_size, 1) * self.page_size
         self.cache = KVCache(model_cfg, capacity, torch_dtype, self.device)
         self.kernel = select_kernel(self.device, attention_kernel, dtype=torch_dtype)
         self.timeout_s = timeout_s
@@ -52,7 +49,7 @@ class AttentionPoolActor:
         self._lock = threading.Lock()
 
     def info(self) -> MemberInfo:
-        return MemberInfo(self.member_id, self.cache.capacity_tokens, ray.util.get_node_ip_address(), self.page_size)
+        return MemberInfo(self.member_id, self.cache.capacity_tokens, ray.util.get_node_ip_address())
 
     def join(self, spec: JoinSpec) -> None:
         """Join a base's group for an epoch in the background; the base's rendezvous completes it."""
@@ -66,7 +63,7 @@ class AttentionPoolActor:
                 None, spec.store_host, spec.store_port, f"epoch{spec.epoch}/", spec.rank,
                 spec.world_size, self.device, self.timeout_s,
             )
-            server = ShardServer(spec.base_id, plane, self.cache, self.kernel, self.cfg, self.page_size, self.profile)
+            server = ShardServer(spec.base_id, plane, self.cache, self.kernel, self.cfg, self.profile)
             with self._lock:
                 self._servers[key] = server
             server.serve()

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from actors.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_OUT, PartLayout, decode_prefill
 from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, prefill_block
-from fapool.attention.paged import PagedPlan
 from fapool.config import ModelConfig
 from fapool.kvcache import KVCache
 from fapool.profiling import PhaseTimer
@@ -24,10 +22,9 @@ log = logging.getLogger(__name__)
 class ShardServer:
     def __init__(
         self, base_id: int, plane: DataPlane, cache: KVCache, kernel: AttentionKernel, cfg: ModelConfig,
-        page_size: int = 16, profile: bool = False,
+        profile: bool = False,
     ) -> None:
         self.base_id = base_id
-        self.page_size = page_size  # bases place shards on whole pages of the arena
         self.plane = plane
         self.cache = cache
         self.kernel = kernel
@@ -112,12 +109,12 @@ class ShardServer:
         held = [(i, self.cache.get(self.key(h))) for i, h in enumerate(handles) if self.key(h) in self.cache]
         every = len(held) == m
         rows = torch.tensor([i for i, _ in held], dtype=torch.long, device=q.device)
-        plan = self._pages_plan([b for _, b in held], q.device) if held else None
+        starts, lengths = [b.start for _, b in held], [b.length for _, b in held]
+        kplan = self.kernel.varlen_plan(starts, lengths, cfg.num_key_value_heads, q.device) if held else None
         layout = PartLayout(m, hq, d, q.dtype)
         mine = layout.empty(1, q.device)
         o_view, lse_view = (t[0] for t in layout.views(mine))
         arena = self.cache.arena
-        page_shape = (-1, self.page_size, cfg.num_key_value_heads, cfg.head_dim)
         for layer in range(cfg.num_hidden_layers):
             self.plane.broadcast(q)  # (M, Hq, D)
             if not every:  # sequences this member holds no shard of contribute nothing: out 0, lse -inf
@@ -125,8 +122,8 @@ class ShardServer:
                 lse_view.fill_(float("-inf"))
             if held:
                 with self.timer.phase("decode_attention"):
-                    o, lse = self.kernel.decode_paged(q if every else q[rows], arena[layer, 0].view(page_shape),
-                                                      arena[layer, 1].view(page_shape), plan)
+                    o, lse = self.kernel.decode_varlen(q if every else q[rows], arena[layer, 0], arena[layer, 1],
+                                                       starts, lengths, plan=kplan)
                     if every:
                         o_view.copy_(o)
                         lse_view.copy_(lse)
@@ -134,13 +131,3 @@ class ShardServer:
                         o_view[rows] = o
                         lse_view[:, rows] = lse
             self.plane.gather(None, mine)  # to the base, which merges every rank's part
-
-    def _pages_plan(self, shards: list, device: torch.device) -> PagedPlan:
-        """The paged kernel's view of these shards: each is a run of whole pages from its start."""
-        p = self.page_size
-        pages = [-(-b.length // p) for b in shards]
-        table = np.zeros((len(shards), max(pages)), dtype=np.int32)
-        for i, (b, n) in enumerate(zip(shards, pages)):
-            assert b.start % p == 0, f"shard at row {b.start} is not on a page of {p} rows"
-            table[i, :n] = np.arange(b.start // p, b.start // p + n)
-        return PagedPlan.build(table, [b.length for b in shards], [1] * len(shards), p, device)

@@ -4,7 +4,7 @@ import pytest
 from actors.messages import MemberInfo
 from actors.placement import ShardPlacement
 
-M1, M2 = MemberInfo(1, 1000, "127.0.0.1", page_size=10), MemberInfo(2, 600, "127.0.0.1", page_size=10)
+M1, M2 = MemberInfo(1, 1000, "127.0.0.1"), MemberInfo(2, 600, "127.0.0.1")
 
 
 def test_two_bases_place_in_disjoint_shares():
@@ -34,12 +34,3 @@ def test_a_handle_is_placed_once_per_member():
     p.place(1, [M1], [10])
     with pytest.raises(AssertionError):
         p.place(1, [M1], [10])
-
-
-def test_shards_take_whole_pages_from_page_boundaries():
-    m = MemberInfo(3, 1000, "127.0.0.1", page_size=16)
-    p = ShardPlacement(1, 2)
-    assert p.quota(m) == 496  # 500 rounded down to whole pages: base 1's share starts on a page
-    starts = [p.place(h, [m], [n])[3] for h, n in ((1, 17), (2, 1), (3, 40))]
-    assert starts == [496, 496 + 32, 496 + 48] and all(s % 16 == 0 for s in starts)
-    assert p.fits([m], [496 - 96]) and not p.fits([m], [496 - 96 + 1])
