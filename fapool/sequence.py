@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 
 
@@ -33,6 +34,10 @@ class Sequence:
     first_token_s: float | None = None
     stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
     pending: int = 0  # tokens sampled on the device whose values the host has not read yet
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    # With params.prompt_logprobs: entry p is prompt token p + 1's; kept across a preemption.
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps_sent: bool = False
 
     @property
     def length(self) -> int:
@@ -69,6 +74,9 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of new_token_ids, with params.logprobs
+    # With params.prompt_logprobs, once (with the first token): None for the first prompt token.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,3 +89,5 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
