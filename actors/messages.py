@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 
 
@@ -26,6 +27,8 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_type: str | None = None  # "invalid_request", "overloaded" or "internal"
+    logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, with the first token
 
 
 @dataclass(frozen=True)

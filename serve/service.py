@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import ray
@@ -15,6 +15,7 @@ from actors.cluster import Cluster
 from actors.config import ClusterConfig
 from actors.messages import GenerateRequest, TokenEvent
 from fapool.config import PRESETS
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
@@ -40,6 +41,12 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with params.prompt_logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
 
 
 class InferenceService:
@@ -106,13 +113,16 @@ class InferenceService:
 
     async def complete(self, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams) -> Finished:
-        text, ids, last = [], [], None
+        text, ids, lps, prompt_lps, last = [], [], [], None, None
         async for ev in await self.open_stream(prompt, prompt_token_ids, params):
             text.append(ev.text)
             ids += ev.token_ids
+            lps += ev.logprobs
+            prompt_lps = ev.prompt_logprobs if ev.prompt_logprobs is not None else prompt_lps
             last = ev
         assert last is not None and last.finish_reason is not None
-        return Finished("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Finished("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                        lps, prompt_lps)
 
     async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         b = self._pick_base()
