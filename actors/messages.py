@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
+from fapool.stats import EngineCounters
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class TokenEvent:
     error_type: str | None = None  # "invalid_request", "overloaded" or "internal"
     logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for logprobs
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, with the first token
+    queue_s: float | None = None  # in the last event: seconds from arrival at the base to admission
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class BaseStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     contexts: tuple[int, ...]
+    engine: EngineCounters = EngineCounters()  # KV pages, preemptions, prefill and decode rows
+    members_kv: tuple[tuple[int, int, int], ...] = ()  # (member id, rows this base holds there, its share)
 
 
 @dataclass(frozen=True)

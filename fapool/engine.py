@@ -26,6 +26,7 @@ from fapool.sampling import SamplingParams, make_generator, sample
 from fapool.scheduler import Scheduler
 from fapool.inflight import AsyncDecode, InFlight
 from fapool.sequence import Completion, RequestOutput, Sequence, SeqStatus
+from fapool.stats import EngineCounters
 from fapool.step_graph import PagedDecodeGraphs
 
 ExecutorFactory = Callable[[LoadedModel, PagedKVCache], AttentionExecutor]
@@ -68,6 +69,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
         self.last_launch_s = 0.0  # host seconds the latest step took to enqueue its GPU work
+        self.num_prefill_tokens = self.num_decode_tokens = 0  # rows computed, for the metrics
         if dev.type == "cuda" and config.cuda_graphs:
             self.warmup()  # before a base actor reports ready: the first request costs what the tenth does
 
@@ -136,6 +138,11 @@ class LLMEngine:
         for seq in sorted(seqs, key=lambda s: s.arrival_s, reverse=True):
             self.scheduler.preempt(seq)
 
+    def counters(self) -> EngineCounters:
+        c = self.cache
+        return EngineCounters(c.num_pages - 1 - c.free_pages, c.num_pages - 1, c.page_size,
+                              self.scheduler.num_preemptions, self.num_prefill_tokens, self.num_decode_tokens)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight() is not None or bool(self._spill)
 
@@ -166,6 +173,9 @@ class LLMEngine:
             return self._read(self.async_decode.take()) if self._inflight() is not None else []
         batch, seqs = scheduled
         self.last_batch = batch
+        decodes = sum(1 for q, s in zip(seqs, batch.slices) if s.num_tokens == 1 and s.start >= len(q.prompt_ids))
+        self.num_decode_tokens += decodes
+        self.num_prefill_tokens += batch.num_tokens - decodes
         n = len(seqs)
         captured = batch.kind == "decode" and self.step_graphs is not None and self.step_graphs.bucket(n) \
             and self.executor.graph_safe(batch)

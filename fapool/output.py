@@ -72,6 +72,7 @@ class OutputProcessor:
             error=error,
             logprobs=logprobs,
             prompt_logprobs=self._prompt_logprobs(seq) if new_ids else None,
+            queue_s=seq.scheduled_s - seq.arrival_s if finished and seq.scheduled_s is not None else None,
         )
 
     @staticmethod

@@ -32,6 +32,7 @@ class Sequence:
     sent_text_len: int = 0  # characters already reported
     finish_reason: str | None = None
     first_token_s: float | None = None
+    scheduled_s: float | None = None  # monotonic time of its first admission to the running batch
     stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
     pending: int = 0  # tokens sampled on the device whose values the host has not read yet
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
@@ -77,6 +78,7 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()  # of new_token_ids, with params.logprobs
     # With params.prompt_logprobs, once (with the first token): None for the first prompt token.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    queue_s: float | None = None  # once finished: seconds from arrival to first admission
 
 
 @dataclass(frozen=True)

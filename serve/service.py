@@ -131,13 +131,15 @@ class InferenceService:
         gen = base.generate.options(num_returns="streaming").remote(req)
         t0 = time.monotonic()
         first_s = last_s = None
-        done = False
+        done, reason = False, "abort"  # a stream left before its end: the client went away
         try:
             while True:
                 batch = await self._next_batch(gen, t0)
                 for ev in batch:
                     if ev.finish_reason == "error":
                         done = True
+                        # A refused request (bad value, full queue) never ran: not a finished one.
+                        reason = "error" if ev.error_type not in ("invalid_request", "overloaded") else ""
                         raise _to_api_error(ev)
                     now = time.monotonic()
                     if ev.token_ids:
@@ -145,14 +147,21 @@ class InferenceService:
                         last_s = now
                     done = ev.finish_reason is not None
                     if done:
+                        reason = ev.finish_reason
                         tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
                         self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
-                                                     ev.prompt_tokens, ev.completion_tokens)
+                                                     ev.prompt_tokens, ev.completion_tokens, ev.queue_s)
                     yield ev
                     if done:
                         return
+        except APIError as e:
+            # Cut short by the server (timeout, drain) is an abort; a base lost under it, an error.
+            reason = reason if done else ("abort" if e.status == 504 or self.draining() else "error")
+            raise
         finally:
             self._inflight_by_base[b] -= 1
+            if reason:
+                self.metrics.observe_finish(reason)
             if not done:  # the client went away, timed out or the server drains: free the KV now
                 try:
                     base.abort.remote(req.request_id)
@@ -224,6 +233,7 @@ class InferenceService:
                 snap.status, snap.scale_counts = status, counts
                 snap.running = sum(s.running for s in stats)
                 snap.waiting = sum(s.waiting for s in stats)
+                snap.bases = list(stats)
                 snap.time_s = time.time()
                 self._snap = snap
         return self._snap
