@@ -76,6 +76,16 @@ def test_completion_logprobs_equal_the_reference(server, client, engine):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed += chunk.choices[0].logprobs.token_logprobs
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    # /generate: the same numbers by token id, and the prompt's.
+    g = httpx.post(server.url + "/generate", json={"prompt": "Hello there", "max_tokens": 6, "temperature": 0,
+                                                   "ignore_eos": True, "logprobs": 2, "prompt_logprobs": 1},
+                   timeout=60).json()
+    assert [x["token_id"] for x in g["logprobs"]] == out
+    assert [x["logprob"] for x in g["logprobs"]] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert [x["token_id"] for x in g["logprobs"][0]["top_logprobs"]] == ref[len(ids) - 1].topk(2).indices.tolist()
+    assert g["prompt_logprobs"][0] is None
+    assert [x["logprob"] for x in g["prompt_logprobs"][1:]] == pytest.approx(
+        [float(ref[p - 1, ids[p]]) for p in range(1, len(ids))], abs=TOL)
 
 
 @pytest.mark.parametrize("stream", [False, True])
