@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from fapool.sampling import MAX_LOGPROBS, SamplingParams
 from serve.errors import APIError
-from serve.fields import (CompletionPrompt, LogitBias, PromptIds, Refused, Stop, StopTokenIds, Text, check_text,
+from serve.fields import (MAX_BATCH_PROMPTS, CompletionPrompt, LogitBias, PromptIds, Refused, Stop, StopTokenIds, Text, check_text,
                           logit_bias_pairs)
 
 MAX_N = 128  # choices (or best_of candidates) per prompt: each is an engine request
@@ -147,6 +147,11 @@ class CompletionBody(OpenAIFields):
         if self.best_of is not None and self.best_of > self.num_choices and self.stream:
             raise APIError(400, "best_of > n cannot stream (the best are known only at the end); "
                            "set stream to false or best_of to n", "invalid_value", "best_of")
+        total = len(self.prompts()) * self.num_candidates
+        if total > MAX_BATCH_PROMPTS:  # each is an engine request: bound one HTTP request's share
+            name = "best_of" if self.num_candidates > self.num_choices else "n"
+            raise APIError(400, f"{len(self.prompts())} prompts x {name}={self.num_candidates} = {total} requests; "
+                           f"send at most {MAX_BATCH_PROMPTS} per call", "invalid_value", name)
         return self
 
     @property

@@ -166,6 +166,8 @@ def test_best_of_returns_the_most_likely_candidate(client):
     assert picked.text == candidates[scores.index(max(scores))].text
     with pytest.raises(openai.BadRequestError, match="best_of"):
         client.completions.create(model="tiny", prompt="Hi", n=3, best_of=2)
+    with pytest.raises(openai.BadRequestError, match="n=3"):  # 300 engine requests in one call
+        client.completions.create(model="tiny", prompt=["a"] * 100, n=3)
 
 
 @pytest.mark.parametrize("kw,field", [({"repetition": 2.0}, {"repetition_penalty": 2.0}),
