@@ -111,10 +111,13 @@ class KVCache:
     @property
     def arena(self) -> torch.Tensor:
         if self._arena is None:
-            c = self.cfg
-            shape = (c.num_hidden_layers, 2, self.capacity_tokens, c.num_key_value_heads, c.head_dim)
-            # Zeroed: a paged kernel reads whole pages, and rows past a shard must be finite.
-            self._arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            # Under the lock: a pool member's threads for several bases can be first at once, and
+            # two arenas would leave one base's shards written where its decodes never read.
+            with self._lock:
+                if self._arena is None:
+                    c = self.cfg
+                    shape = (c.num_hidden_layers, 2, self.capacity_tokens, c.num_key_value_heads, c.head_dim)
+                    self._arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self._arena
 
     @property

@@ -58,9 +58,12 @@ class PagedKVCache:
     @property
     def arena(self) -> torch.Tensor:
         if self._arena is None:
-            c = self.cfg
-            shape = (c.num_hidden_layers, 2, self.num_pages * self.page_size, c.num_key_value_heads, c.head_dim)
-            self._arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            with self._lock:  # made once, whichever thread comes first
+                if self._arena is None:
+                    c = self.cfg
+                    shape = (c.num_hidden_layers, 2, self.num_pages * self.page_size, c.num_key_value_heads,
+                             c.head_dim)
+                    self._arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self._arena
 
     def pages_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,8 @@ class Driver:
         import ray
 
         self.ray = ray
+        if ray.is_initialized():  # an earlier test's in-process Ray: this driver joins the server's
+            ray.shutdown()
         ray.init(address=ray_address(server), namespace=NAMESPACE, logging_level="ERROR",
                  log_to_driver=False)
 

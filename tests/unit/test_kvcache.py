@@ -86,3 +86,22 @@ def test_placing_over_a_stale_shard_of_the_same_owner_drops_it():
     with pytest.raises(ValueError):  # another base's shard is never dropped, nor the owner's then
         cache.place("0:3", 10, 8, stale_prefix="0:")
     assert "1:7" in cache and "0:2" in cache
+
+
+def test_threads_placing_first_share_one_arena():
+    # A pool member serves several bases from several threads; the first of them to place a shard
+    # creates the arena, and every shard must live in that one (a second arena lost writes).
+    import threading
+
+    for _ in range(5):
+        cache = KVCache(TINY.replace(num_hidden_layers=8), 1 << 14, torch.float32, torch.device("cpu"))
+        barrier, slabs = threading.Barrier(8), []
+
+        def place(i):
+            barrier.wait()
+            slabs.append(cache.place(f"{i}:1", i * 64, 32, stale_prefix=f"{i}:"))
+
+        threads = [threading.Thread(target=place, args=(i,)) for i in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(slabs) == 8 and all(s.arena is cache.arena for s in slabs)
