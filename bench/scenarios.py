@@ -87,11 +87,17 @@ class Bench:
     def decode(self, pool: int, n: int, batch: int, steps: int) -> dict:
         self.steps()
         before = self.member_stats() if pool else []
-        # Prompts are prefilled a chunk a step while the first ones already decode: give every
-        # sequence room to outlast the others' prefill, so the whole batch decodes together.
-        self.run([self.prompt(n) for _ in range(batch)], steps + 1 + batch * (-(-n // self.prefill_budget) + 2))
+        # Prompts are prefilled a chunk a step while the first ones already decode, and they reach
+        # the base at slightly different times: give every sequence room to outlast the others'
+        # arrival and prefill (more on a second try), so the whole batch decodes together.
+        dec = []
+        for slack in (16, 256):
+            self.run([self.prompt(n) for _ in range(batch)],
+                     steps + 1 + slack + batch * (-(-n // self.prefill_budget) + 2))
+            dec = [s for s in self.steps() if s.kind == "decode" and s.num_seqs == batch]
+            if dec:
+                break
         after = self.member_stats() if pool else []
-        dec = [s for s in self.steps() if s.kind == "decode" and s.num_seqs == batch]
         if not dec:
             raise RuntimeError(f"no decode step ran the whole batch of {batch} at {n} tokens")
         walls = [s.wall_s for s in dec]
