@@ -51,7 +51,7 @@ def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> 
                 traces["default"] = o.pool_trace
         ref = next(r for r in rows if r["name"] == "static pool 32")
         tuned = []
-        if tune:
+        if tune and lf == LOADS[-1]:  # the tuning grid at the higher load only (CPU time)
             for curve in TUNE_CURVES:
                 for cd in TUNE_COOLDOWNS_S:
                     st = Setup(f"FA Pool {curve} cooldown {cd:g}s",

@@ -8,7 +8,7 @@ as `PoolController._add` does; bases admit in order (`fapool/scheduler.py`), hol
 to `pool_wait_s` for a growing pool (`actors/pooled_attention.py`), place a prompt over the
 threshold on every active member, and step with the cost model's times. Time advances in ticks
 of the controller (`tick_s`); inside a tick a base runs the prefills of the requests admitted
-there at their arrival times, then whole decode steps.
+there at their arrival times, then whole decode steps at the step time of the tick's batch.
 """
 from __future__ import annotations
 
@@ -234,11 +234,15 @@ def _admit(b: Base, b_id: int, now: float, t1: float, setup: Setup, costs: StepC
 
 def _member_loads(bases: list[Base]) -> dict[int, float]:
     """KV tokens each member reads per step of every base (their steps share its bandwidth)."""
-    loads: dict[int, float] = {}
+    groups: dict[tuple[int, ...], float] = {}
     for b in bases:
         for s in b.running:
-            for m in s.members:
-                loads[m] = loads.get(m, 0.0) + s.context / (len(s.members) + 1)
+            if s.members:
+                groups[s.members] = groups.get(s.members, 0.0) + (s.req.prompt + s.generated) / (len(s.members) + 1)
+    loads: dict[int, float] = {}
+    for members, tokens in groups.items():
+        for m in members:
+            loads[m] = loads.get(m, 0.0) + tokens
     return loads
 
 
@@ -253,18 +257,21 @@ def _advance(b: Base, now: float, t1: float, setup: Setup, costs: StepCosts, loa
             s.first_s = t
             s.generated = 1
     decoding = [s for s in b.running if s.first_s >= 0 and s.done_s < 0 and s.generated < s.req.output]
-    while decoding and t < t1:
-        members = {m for s in decoding for m in s.members}
-        own = sum(s.context / (len(s.members) + 1) for s in decoding)
+    if decoding and t < t1:
+        # One step time per base and tick, from the batch at the tick's start (finishing sequences
+        # do not shorten the steps left in that tick).
+        members = {m for g in {s.members for s in decoding} for m in g}
+        own = sum((s.req.prompt + s.generated) / (len(s.members) + 1) for s in decoding)
         kv = max([own, *(loads.get(m, 0.0) for m in members)])
-        step = costs.decode_s(len(decoding), kv, max((len(s.members) for s in decoding), default=0), setup.tp)
-        k = max(1, min(math.floor((t1 - t) / step), min(s.req.output - s.generated for s in decoding)))
-        t += k * step
+        step = costs.decode_s(len(decoding), kv, max(len(s.members) for s in decoding), setup.tp)
+        k = max(1, math.floor((t1 - t) / step))
+        k = min(k, max(s.req.output - s.generated for s in decoding))
         for s in decoding:
-            s.generated += k
+            n = min(k, s.req.output - s.generated)
+            s.generated += n
             if s.generated >= s.req.output:
-                s.done_s = t
-        decoding = [s for s in decoding if s.generated < s.req.output]
+                s.done_s = t + n * step
+        t += k * step
     for s in b.running:
         if s.first_s >= 0 and s.generated >= s.req.output and s.done_s < 0:
             s.done_s = s.first_s  # one token: done at its prefill
