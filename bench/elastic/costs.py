@@ -51,6 +51,7 @@ class StepCosts:
                 "decode_pooled": summary([p for p in dec if p.pool > 0]),
                 "prefill": summary(self.model.prefill_points),
                 "coefficients": {t: getattr(self.model, t) for t in "abcdefgh"},
+                "copy_bytes_per_s": self.model.copy_bytes_per_s, "kv_bytes_per_token": self.model.kv_bytes_per_token,
                 "tp_ratio": self.tp_ratio,
                 "cold_start_s": self.cold_start_s, "warm_start_s": self.warm_start_s,
                 "base_kv_tokens": self.base_kv_tokens}

@@ -71,3 +71,24 @@ def test_workloads_are_seeded_and_shaped():
     assert a == b and abs(len(a) / 60.0 - 20.0) < 3
     many = generate(w, 50.0, 200.0, seed=4)
     assert 0.25 < sum(r.prompt > 16384 for r in many) / len(many) < 0.45  # "a third above 16K"
+
+
+def test_the_report_has_a_table_per_load_and_leaves_other_sections_alone(tmp_path):
+    from bench.elastic.__main__ import run_workload
+    from bench.elastic.report import END, START, write_docs
+
+    w = run_workload("bursty", 20.0, 1, COSTS, tune=True)
+    w["replay_wall_s"] = 0.0
+    result = {"fit": COSTS.fit_errors(), "workloads": {"bursty": w}}
+    (tmp_path / "docs").mkdir()
+    other = "<!-- bench.serve start -->\nkept\n<!-- bench.serve end -->\n"
+    (tmp_path / "docs" / "benchmarks.md").write_text(other + f"{START}\nstale text\n{END}\n")
+    write_docs(result, tmp_path)
+    write_docs(result, tmp_path)  # idempotent: one section, replaced in place
+    text = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert text.startswith(other) and text.count(START) == 1 and "stale text" not in text
+    for name in ("FA Pool (default curve)", "static pool 0", "static pool 32", "static TP4"):
+        assert text.count(f"| {name}") == 2  # one row at each load
+    assert text.count("against the static 32-GPU pool") == 2 and "fit error" in text
+    assert (tmp_path / "docs" / "elastic-bursty.png").stat().st_size > 10_000
+    assert len(w["loads"]["0.8"]["tuning"]) == 10 and not w["loads"]["0.5"]["tuning"]
