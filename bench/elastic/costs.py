@@ -54,7 +54,22 @@ class StepCosts:
                 "copy_bytes_per_s": self.model.copy_bytes_per_s, "kv_bytes_per_token": self.model.kv_bytes_per_token,
                 "tp_ratio": self.tp_ratio,
                 "cold_start_s": self.cold_start_s, "warm_start_s": self.warm_start_s,
-                "base_kv_tokens": self.base_kv_tokens}
+                "base_kv_tokens": self.base_kv_tokens,
+                "engine_check": engine_check(self)}
+
+
+def engine_check(costs: StepCosts, path: Path = RESULTS / "engine-paper-H200.json") -> list[dict]:
+    """The fit against today's single-engine decode (CUDA graphs, 1 x H200): how far off the base's
+    own step is at batches the 4 x H200 run (B <= 8, eager) did not measure."""
+    if not path.exists():
+        return []
+    rows = []
+    for p in json.loads(path.read_text())["points"]:
+        if p["mode"] == "graph":
+            model = costs.decode_s(p["batch"], p["batch"] * p["context"], 0)
+            rows.append({"context": p["context"], "batch": p["batch"], "measured_ms": p["tpot_ms"],
+                         "model_ms": model * 1e3, "ratio": model * 1e3 / p["tpot_ms"]})
+    return rows
 
 
 def load(path: Path = RESULTS / FIT_FILE) -> StepCosts:

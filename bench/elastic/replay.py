@@ -8,7 +8,7 @@ as `PoolController._add` does; bases admit in order (`fapool/scheduler.py`), hol
 to `pool_wait_s` for a growing pool (`actors/pooled_attention.py`), place a prompt over the
 threshold on every active member, and step with the cost model's times. Time advances in ticks
 of the controller (`tick_s`); inside a tick a base runs the prefills of the requests admitted
-there at their arrival times, then whole decode steps at the step time of the tick's batch.
+there at their arrival times, with whole decode steps in the gaps, at the step time of the tick's batch.
 """
 from __future__ import annotations
 
@@ -248,36 +248,48 @@ def _member_loads(bases: list[Base]) -> dict[int, float]:
 
 def _advance(b: Base, now: float, t1: float, setup: Setup, costs: StepCosts, loads: dict[int, float],
              member_used: dict, num_bases: int) -> None:
-    """Prefills first, each no earlier than its admission; then whole decode steps."""
+    """Decode steps in the gaps between this tick's prefills, each prefill no earlier than its
+    admission; one step time per base and tick, from the batch at the tick's start."""
     t = now + b.carry_s
-    for s in b.running:
-        if s.prefill_left_s > 0:
-            t = max(t, s.admitted_s) + s.prefill_left_s
-            s.prefill_left_s = 0.0
-            s.first_s = t
-            s.generated = 1
-    decoding = [s for s in b.running if s.first_s >= 0 and s.done_s < 0 and s.generated < s.req.output]
-    if decoding and t < t1:
-        # One step time per base and tick, from the batch at the tick's start (finishing sequences
-        # do not shorten the steps left in that tick).
-        members = {m for g in {s.members for s in decoding} for m in g}
-        own = sum((s.req.prompt + s.generated) / (len(s.members) + 1) for s in decoding)
-        kv = max([own, *(loads.get(m, 0.0) for m in members)])
-        step = costs.decode_s(len(decoding), kv, max(len(s.members) for s in decoding), setup.tp)
-        k = max(1, math.floor((t1 - t) / step))
-        k = min(k, max(s.req.output - s.generated for s in decoding))
-        for s in decoding:
-            n = min(k, s.req.output - s.generated)
-            s.generated += n
-            if s.generated >= s.req.output:
-                s.done_s = t + n * step
-        t += k * step
-    for s in b.running:
-        if s.first_s >= 0 and s.generated >= s.req.output and s.done_s < 0:
-            s.done_s = s.first_s  # one token: done at its prefill
+    live = [s for s in b.running if s.done_s < 0]
+    if not live:
+        b.carry_s = 0.0
+        return
+    members = {m for g in {s.members for s in live} for m in g}
+    own = sum((s.req.prompt + s.generated) / (len(s.members) + 1) for s in live)
+    kv = max([own, *(loads.get(m, 0.0) for m in members)])
+    step = costs.decode_s(len(live), kv, max(len(s.members) for s in live), setup.tp)
+    decoding = [s for s in live if s.first_s >= 0 and s.generated < s.req.output]
+    for s in sorted((s for s in live if s.prefill_left_s > 0), key=lambda s: s.admitted_s):
+        t = _decode(decoding, t, s.admitted_s, step, at_least_one=False)
+        t = max(t, s.admitted_s) + s.prefill_left_s
+        s.prefill_left_s, s.first_s, s.generated = 0.0, t, 1
+        if s.req.output > 1:
+            decoding.append(s)
+        else:
+            s.done_s = t
+    t = _decode(decoding, t, t1, step, at_least_one=True)
     for s in [s for s in b.running if s.done_s >= 0]:
         local = (s.req.prompt + s.req.output) / (len(s.members) + 1)
         for m in s.members:
             member_used[m][s.base] -= local
         b.running.remove(s)
     b.carry_s = max(0.0, t - t1)
+
+
+def _decode(decoding: list[Seq], t: float, until: float, step: float, at_least_one: bool) -> float:
+    """Whole decode steps from `t` that end by `until` (one at least, at a tick's end, so a step
+    longer than a tick still runs); finished sequences leave `decoding`."""
+    if not decoding or until <= t:
+        return t
+    k = math.floor((until - t) / step)
+    if k == 0 and not at_least_one:
+        return t
+    k = min(max(k, 1), max(s.req.output - s.generated for s in decoding))
+    for s in decoding:
+        n = min(k, s.req.output - s.generated)
+        s.generated += n
+        if s.generated >= s.req.output:
+            s.done_s = t + n * step
+    decoding[:] = [s for s in decoding if s.done_s < 0]
+    return t + k * step
