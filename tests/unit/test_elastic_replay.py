@@ -20,6 +20,9 @@ def test_the_controller_and_the_replay_call_the_same_functions():
     assert controller.decide is fapool.policy.decide is replay_mod.policy_mod.decide
     assert controller.plan_membership is fapool.pool_plan.plan_membership is replay_mod.pool_plan.plan_membership
     assert controller.removable is fapool.pool_plan.removable is replay_mod.pool_plan.removable
+    # ... and the controller's tick really calls them (an unused import would pass the lines above)
+    called = controller.PoolController._reconcile_locked.__code__.co_names
+    assert {"decide", "plan_membership", "removable"} <= set(called)
 
 
 def test_replacing_the_membership_plan_changes_the_replay(monkeypatch):
