@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.elastic.costs import load
@@ -74,6 +75,19 @@ def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> 
     return out
 
 
+SENSITIVITY_D_S = 0.2e-3  # a member cost below the 32-member break-even at 64K x 8 (report.break_even)
+
+
+def sensitivity(name: str, duration_s: float, seed: int, costs, d_s: float) -> list[dict]:
+    """The same trace at the top load with the member cost d replaced: would a cheaper exchange pay?"""
+    w = WORKLOADS[name]
+    cheap = replace(costs, model=replace(costs.model, d=d_s))
+    trace = generate(w, rate_for(w, LOADS[-1], costs, Setup("ref")), duration_s, seed)
+    runs = [Setup("FA Pool (default curve)", PolicyConfig()), Setup("static pool 0", static_pool=0),
+            Setup("static pool 8", static_pool=8), Setup("static pool 32", static_pool=32)]
+    return [summarize(replay(st, trace, cheap)) for st in runs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration-s", type=float, default=300.0)
@@ -90,6 +104,10 @@ def main() -> None:
     for name in a.workloads.split(","):
         t0 = time.monotonic()
         result["workloads"][name] = run_workload(name, a.duration_s, a.seed, costs, not a.no_tune)
+        result["workloads"][name]["replay_wall_s"] = time.monotonic() - t0
+        result["workloads"][name]["sensitivity"] = {
+            "d_s": SENSITIVITY_D_S, "load": LOADS[-1],
+            "rows": sensitivity(name, a.duration_s, a.seed, costs, SENSITIVITY_D_S)}
         result["workloads"][name]["replay_wall_s"] = time.monotonic() - t0
         print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)
     Path(a.out).write_text(json.dumps(result, indent=1))

@@ -178,6 +178,23 @@ def section(result: dict) -> str:
                           f"{d['best_saving_vs_static32']:.0%} fewer at p99 {d['best']['tpot_p99_ms']:.0f} ms."
                           if d["best"] else (" No tuned setting met the static 32 pool's p99." if d["tuning"]
                                              else " (The tuning grid ran at the 80% load.)")), ""]
+    sens = [(n, w["sensitivity"]) for n, w in result["workloads"].items() if w.get("sensitivity")]
+    if sens:
+        d_ms = sens[0][1]["d_s"] * 1e3
+        lines += ["### If a member cost less", "",
+                  f"The same traces at the {sens[0][1]['load']:.0%} load with the member cost d set to {d_ms:.1f} ms "
+                  f"(below the 32-member break-even) instead of the fitted {result['fit']['coefficients']['d'] * 1e3:.2f} ms; "
+                  "a what-if, not a measurement.", "",
+                  "| workload | policy | GPU-s | TPOT p50 ms | TPOT p99 ms | TTFT p99 s | queued | refused |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, sv in sens:
+            for r in sv["rows"]:
+                lines.append(f"| {n} | {r['name']} | {r['gpu_seconds']:.0f} | {_f(r['tpot_p50_ms'])} | {_f(r['tpot_p99_ms'])} | "
+                             f"{_f(r['ttft_p99_s'], '{:.2f}')} | {r['queued']} | {r['refused']} |")
+        best = "; ".join(f"{n}: {min(sv['rows'], key=lambda r: r['tpot_p99_ms'])['name']}" for n, sv in sens)
+        lines += ["", f"Lowest p99 TPOT with the cheaper member: {best}. The pool's prefill cost h·P·n and the "
+                  "base's own per-sequence cost b do not shrink with the pool, so even then a small pool (or none) "
+                  "does as well as 32 members at a fraction of the GPU-seconds.", ""]
     lines += ["### Tuning", "", recommend(result), "", END]
     return "\n".join(lines)
 
