@@ -38,6 +38,11 @@ def setups() -> list[Setup]:
             *(Setup(f"static TP{k} (8x{k} GPUs)", tp=k) for k in (2, 4))]
 
 
+def _thin(trace: list, points: int = 600) -> list:
+    """(time, pool GPUs, longest context) every few ticks, for the plot."""
+    return [(round(t, 2), g, c) for t, g, c in trace[:: max(1, len(trace) // points)]]
+
+
 def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> dict:
     w = WORKLOADS[name]
     out = {"params": w.params(), "seed": seed, "duration_s": duration_s, "loads": {}}
@@ -70,7 +75,7 @@ def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> 
             "rate_per_s": rate, "requests": len(trace), "rows": rows, "tuning": tuned, "best": best,
             "saving_vs_static32": 1 - fa["gpu_seconds"] / ref["gpu_seconds"],
             "best_saving_vs_static32": None if best is None else 1 - best["gpu_seconds"] / ref["gpu_seconds"],
-            "pool_trace": {k: v[:: max(1, len(v) // 1500)] for k, v in traces.items() if k in ("default", "best")},
+            "pool_trace": {k: _thin(v) for k, v in traces.items() if k in ("default", "best")},
         }
     return out
 
@@ -110,7 +115,7 @@ def main() -> None:
             "rows": sensitivity(name, a.duration_s, a.seed, costs, SENSITIVITY_D_S)}
         result["workloads"][name]["replay_wall_s"] = time.monotonic() - t0
         print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    Path(a.out).write_text(json.dumps(result))
     if a.docs:
         from bench.elastic.report import write_docs
         write_docs(result, ROOT)
