@@ -257,7 +257,7 @@ class BaseActor:
         sched, ex = self.engine.scheduler, self.executor
         return BaseStats(self.base_id, ex.spec.epoch, len(sched.running), len(sched.waiting), len(ex.pooled),
                          ex.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
-                         tuple(sched.contexts_in_flight()))
+                         tuple(sched.contexts_in_flight()), self.engine.counters(), ex.placement.usage())
 
     def _answer(self, kind: str, value: Any) -> Any:
         ex = self.executor

@@ -17,7 +17,7 @@ import ray
 
 from actors.config import NAMESPACE, ClusterConfig
 from actors.messages import GenerateRequest, PoolStatus, TokenEvent
-from actors.supervisor import Supervisor
+from actors.supervisor import Supervisor, is_base_name
 from fapool.sampling import SamplingParams
 
 
@@ -37,6 +37,12 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, namespace=NAMESPACE, **init_kwargs)
+
+
+def running_clusters(prefix: str) -> list[str]:
+    """The names of the running clusters (their controllers) that start with `prefix`."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith(prefix) and not is_base_name(a["name"])]
 
 
 class Cluster:

@@ -38,6 +38,7 @@ class PoolController:
         self.cfg = cfg
         self.incarnation = uuid.uuid4().hex  # a restarted controller answers `ping` with a new one
         self.bases: list[Any] = []
+        self.down: set[int] = set()  # bases the supervisor saw die and not yet back: left out
         self.base_info: list[dict[str, Any]] = []
         self.members: dict[int, Member] = {}
         self.standby: dict[int, Member] = {}  # started, idle, in no epoch
@@ -94,6 +95,7 @@ class PoolController:
         dead one reported and give the new one the pool in a new epoch."""
         async with self._lock:
             self.reports.pop(base_id, None)
+            self.down.discard(base_id)
             self.bases[base_id] = base
             self.base_info[base_id] = await base.ready.remote()
             await base.set_controller.remote(ray.get_runtime_context().current_actor)
@@ -102,7 +104,9 @@ class PoolController:
         self._wake.set()
 
     async def base_down(self, base_id: int) -> None:
-        """A base stopped answering: its contexts are no longer in flight."""
+        """A base stopped answering: its contexts are no longer in flight, and the pool carries
+        on with the other bases until it is back (`base_replaced`)."""
+        self.down.add(base_id)
         self.reports.pop(base_id, None)
         self._wake.set()
 
@@ -149,10 +153,13 @@ class PoolController:
         if standby_members is not None:
             changes["standby_members"] = standby_members
         self.cfg = self.cfg.replace(**changes)
-        await asyncio.gather(*(b.set_policy.remote(policy) for b in self.bases))
-        await self._tell_capacity(self.bases)  # before any request meets the new policy
+        await asyncio.gather(*(b.set_policy.remote(policy) for b in self._live()))
+        await self._tell_capacity(self._live())  # before any request meets the new policy
         self._refill_standby()
         self._wake.set()
+
+    def _live(self) -> list[Any]:
+        return [b for i, b in enumerate(self.bases) if i not in self.down]
 
     def _capacity(self) -> int:
         return pool_capacity(self.cfg, len(self.members) + len(self.standby))
@@ -199,21 +206,21 @@ class PoolController:
             request_gpus(self.cfg, len(self.bases), d.target)
         if capacity != self._told_capacity:
             self._told_capacity = capacity
-            for b in self.bases:
+            for b in self._live():
                 b.set_capacity.remote(capacity)
         shrink = d.target < num_active(self.members, self.draining)
         plan = plan_membership(d.target, self.members, self.draining,
-                               await seqs_per_member(self.bases) if shrink else {})
+                               await seqs_per_member(self._live()) if shrink else {})
         if plan.revive:
             self.draining -= set(plan.revive)
-            await push_draining(self.bases, self.draining)
+            await push_draining(self._live(), self.draining)
         if plan.add:
             await self._add(plan.add, d.reason)
         if plan.drain:
             self.draining |= set(plan.drain)
-            await push_draining(self.bases, self.draining)
+            await push_draining(self._live(), self.draining)
         if self.draining:
-            idle = list(removable(self.draining, await seqs_per_member(self.bases)))
+            idle = list(removable(self.draining, await seqs_per_member(self._live())))
             if idle:
                 await self._remove(idle, "drained: " + d.reason)
 
@@ -300,7 +307,8 @@ class PoolController:
 
     async def _form_epoch(self, members: dict[int, Member], draining: set[int]) -> None:
         self.epoch += 1
-        await form_epoch(self.bases, self.epoch, members, draining)
+        live = {i: b for i, b in enumerate(self.bases) if i not in self.down}
+        await form_epoch(live, self.epoch, members, draining)
         self.reports = {k: BaseReport(r.base_id, self.epoch, r.contexts, r.seqs_per_member, False)
                         for k, r in self.reports.items()}
 

@@ -16,16 +16,16 @@ class Member:
     info: MemberInfo
 
 
-async def form_epoch(bases: list[Any], epoch: int, members: dict[int, Member], draining: set[int]) -> None:
-    """Build the group of `epoch` for every base with these members. Members join each base's
-    group in the background; a base's commit completes the rendezvous."""
+async def form_epoch(bases: dict[int, Any], epoch: int, members: dict[int, Member], draining: set[int]) -> None:
+    """Build the group of `epoch` for every base (by base id) with these members. Members join
+    each base's group in the background; a base's commit completes the rendezvous."""
     spec = EpochSpec(epoch, tuple(m.info for _, m in sorted(members.items())), frozenset(draining))
-    addrs = await asyncio.gather(*(b.prepare_epoch.remote(spec) for b in bases))
-    for base_id, (host, port) in enumerate(addrs):
+    addrs = await asyncio.gather(*(b.prepare_epoch.remote(spec) for b in bases.values()))
+    for base_id, (host, port) in zip(bases, addrs):
         for rank, info in enumerate(spec.members, start=1):
             members[info.member_id].handle.join.remote(
                 JoinSpec(base_id, spec.epoch, host, port, rank, 1 + len(spec.members)))
-    await asyncio.gather(*(b.commit_epoch.remote(spec.epoch) for b in bases))
+    await asyncio.gather(*(b.commit_epoch.remote(spec.epoch) for b in bases.values()))
 
 
 async def push_draining(bases: list[Any], draining: set[int]) -> dict[int, int]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
+from fapool.stats import EngineCounters
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_type: str | None = None  # "invalid_request", "overloaded" or "internal"
+    logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, with the first token
+    queue_s: float | None = None  # in the last event: seconds from arrival at the base to admission
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class BaseStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     contexts: tuple[int, ...]
+    engine: EngineCounters = EngineCounters()  # KV pages, preemptions, prefill and decode rows
+    members_kv: tuple[tuple[int, int, int], ...] = ()  # (member id, rows this base holds there, its share)
 
 
 @dataclass(frozen=True)

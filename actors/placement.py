@@ -42,6 +42,10 @@ class ShardPlacement:
             for handle in handles:
                 share.free(_key(handle))
 
+    def usage(self) -> tuple[tuple[int, int, int], ...]:
+        """(member id, rows this base holds there, this base's share) for each member it used."""
+        return tuple((mid, share.reserved, share.capacity) for mid, share in sorted(self._rows.items()))
+
     def keep_only(self, member_ids: set[int]) -> None:
         """Members gone from the group take this base's placements on them along."""
         self._rows = {mid: share for mid, share in self._rows.items() if mid in member_ids}

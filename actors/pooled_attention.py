@@ -31,7 +31,7 @@ from actors.protocol import (
 from actors.placement import ShardPlacement
 from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, prefill_block, query_blocks
-from fapool.attention.triton_decode import merge_partials
+from fapool.attention.merge import merge_stacked
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
@@ -330,7 +330,7 @@ class PooledAttention(AttentionExecutor):
                 plane.gather(parts, mine)
                 sent.wait()
             with self.timer.phase("merge"):
-                out[idx] = merge_partials(*layout.views(parts))
+                out[idx] = merge_stacked(*layout.views(parts))[0]
 
         return finish
 

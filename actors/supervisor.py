@@ -33,6 +33,10 @@ def base_name(cluster: str, base_id: int) -> str:
     return f"{cluster}-base-{base_id}"
 
 
+def is_base_name(name: str) -> bool:
+    return "-base-" in name
+
+
 def dead_for_good(handle: Any) -> bool:
     """Whether Ray will not restart this actor (killed with `ray.kill`, or out of restarts)."""
     try:
@@ -46,7 +50,7 @@ def dead_for_good(handle: Any) -> bool:
 class Supervisor:
     def __init__(self, cfg: ClusterConfig, name: str, detached: bool = False) -> None:
         self.cfg, self.name, self.detached = cfg, name, detached
-        # FAPOOL_* switches (attention kernel, Triton decode) set where the cluster is started
+        # FAPOOL_* switches (the attention kernel) set where the cluster is started
         # reach every actor: the controller hands its runtime_env down to the pool members.
         env = {k: v for k, v in os.environ.items() if k.startswith("FAPOOL_")}
         self._opts: dict[str, Any] = {"namespace": NAMESPACE, "max_restarts": -1, "max_task_retries": 0,

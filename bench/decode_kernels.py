@@ -1,27 +1,29 @@
-"""Decode attention kernels side by side, in bytes of K and V read per second.
+"""Decode attention kernels side by side over a paged KV cache, in bytes of K and V read per second.
 
     python -m bench.decode_kernels            # on a CUDA machine; prints a table, writes JSON to --out
 
-Each row is one query token per sequence over its region of a KV arena (the engine's layout):
-the Triton split-KV kernel, the sdpa kernel without it (PyTorch's varlen flash op, or its per-
-sequence flash op for few long sequences), and cuDNN on a dense (B, H, S, D) copy of the same
-keys, which is not the engine's layout but shows what the memory system gives.
+Each row is one query token per sequence over its pages, scattered through a page pool (the
+engine's layout): every available kernel's `decode_paged` (flash-attn-4 reads the pages in one
+launch; the others gather the rows into a contiguous copy first), the captured path's KV splits
+merged by LSE, and cuDNN on a dense (B, H, S, D) copy of the same keys, which is not the
+engine's layout but shows what the memory system gives.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from fapool.attention import select_kernel
-from fapool.attention import triton_decode
+from fapool.attention import available_kernels, select_kernel
+from fapool.attention.paged import PagedPlan, merge_splits, split_table
 from fapool.attention.sdpa_ops import cudnn_op
 
-SHAPES = ((8, 65536), (1, 65536), (8, 16384), (32, 4096))
+SHAPES = ((8, 65536), (1, 65536), (1, 16384), (64, 1024), (64, 4096))
+PAGE = 128
 
 
 def _time(fn, reps: int = 20) -> float:
@@ -36,30 +38,38 @@ def _time(fn, reps: int = 20) -> float:
 
 def measure(batch: int, ctx: int, heads: int = 32, kv_heads: int = 32, d: int = 128) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
-    gap = 512  # regions are not packed in the arena
-    ka = torch.randn(batch * (ctx + gap), kv_heads, d, dtype=dt, device=dev)
-    va = torch.randn_like(ka)
+    per = ctx // PAGE
+    pool = batch * per + 1
+    kp = torch.randn(pool, PAGE, kv_heads, d, dtype=dt, device=dev)
+    vp = torch.randn_like(kp)
+    order = np.random.default_rng(0).permutation(np.arange(1, pool)).astype(np.int32)
+    table = order.reshape(batch, per)  # scattered pages
     q = torch.randn(batch, heads, d, dtype=dt, device=dev)
-    starts, lengths = [i * (ctx + gap) for i in range(batch)], [ctx] * batch
-    nbytes = 2 * batch * ctx * kv_heads * d * ka.element_size()
-    kernel = select_kernel(dev, "sdpa", dtype=dt)
-    os.environ[triton_decode.ENV_VAR] = "1"  # measured here whatever the default
-    row = {"batch": batch, "context": ctx, "bytes": nbytes}
-    plan = kernel.varlen_plan(starts, lengths, kv_heads, dev)
-    t = _time(lambda: kernel.decode_varlen(q, ka, va, starts, lengths, plan=plan))
-    row["triton_split_kv_s"] = t if isinstance(plan, triton_decode.SplitPlan) else None
-    triton_decode.disable("measuring the fallback")
-    try:
-        plan = kernel.varlen_plan(starts, lengths, kv_heads, dev)
-        row["sdpa_fallback_s"] = _time(lambda: kernel.decode_varlen(q, ka, va, starts, lengths, plan=plan))
-    finally:
-        triton_decode.reenable()
-    kd = torch.stack([ka[s : s + ctx] for s in starts]).transpose(1, 2).contiguous()  # (B, H, S, D)
-    vd = torch.stack([va[s : s + ctx] for s in starts]).transpose(1, 2).contiguous()
+    nbytes = 2 * batch * ctx * kv_heads * d * kp.element_size()
+    plan = PagedPlan.build(table, [ctx] * batch, [1] * batch, PAGE, dev)
+    row = {"batch": batch, "context": ctx, "bytes": nbytes, "page": PAGE}
+    for name in available_kernels(dev):
+        if name == "reference":
+            continue
+        kernel = select_kernel(dev, name, dtype=dt)
+        row[f"{name}_s"] = _time(lambda: kernel.decode_paged(q, kp, vp, plan))
+        if kernel.paged_in_graph and batch * kv_heads < 264:
+            splits = max(1, min(16, round(264 / (batch * kv_heads))))
+            chunks, rows = split_table(table, [ctx] * batch, PAGE, splits)
+            cplan = PagedPlan.build(chunks, rows.tolist(), [1] * len(rows), PAGE, dev)
+            qs = q.repeat_interleave(splits, 0)
+
+            def split_decode() -> None:
+                o, lse = kernel.paged_decode(qs, kp, vp, cplan.page_table, cplan.seq_lens)
+                merge_splits(o, lse, cplan.seq_lens, splits)
+
+            row[f"{name}_split{splits}_s"] = _time(split_decode)
+    idx = torch.from_numpy(table.astype(np.int64)).to(dev)
+    kd = kp[idx].flatten(1, 2).transpose(1, 2).contiguous()  # (B, H, S, D)
+    vd = vp[idx].flatten(1, 2).transpose(1, 2).contiguous()
     row["cudnn_dense_s"] = _time(lambda: cudnn_op(q.unsqueeze(2), kd, vd, False, d**-0.5))
-    for key in ("triton_split_kv_s", "sdpa_fallback_s", "cudnn_dense_s"):
-        if row[key]:
-            row[key[:-2] + "_tb_per_s"] = nbytes / row[key] / 1e12
+    for key in [k for k in row if k.endswith("_s")]:
+        row[key[:-2] + "_tb_per_s"] = nbytes / row[key] / 1e12
     return row
 
 
@@ -74,11 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / f"decode-kernels-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
-    print(f"{'batch x context':>16} {'triton split-KV':>16} {'sdpa fallback':>14} {'cuDNN dense':>12}  (TB/s of K and V)")
     for r in rows:
-        cells = [f"{r.get(k, 0) or 0:.2f}" for k in ("triton_split_kv_tb_per_s", "sdpa_fallback_tb_per_s",
-                                                      "cudnn_dense_tb_per_s")]
-        print(f"{r['batch']:>7} x {r['context']:<7} {cells[0]:>16} {cells[1]:>14} {cells[2]:>12}")
+        cells = ", ".join(f"{k[:-9]} {v:.2f}" for k, v in r.items() if k.endswith("_tb_per_s"))
+        print(f"{r['batch']:>3} x {r['context']:<6} TB/s of K and V: {cells}")
     print(f"wrote {out}")
     return 0
 

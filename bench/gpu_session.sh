@@ -5,9 +5,9 @@
 #
 #   bash bench/gpu_session.sh check   # GPU tests + decode kernels side by side (about 3 min)
 #   bash bench/gpu_session.sh bench   # paper model, pools 0/1/3, 16K and 64K, batches 1 and 8,
-#                                     # Triton decode on (about 7 min)
+#                                     # (about 7 min)
 #   bash bench/gpu_session.sh full    # the same grid plus the oversized batch, the transformers
-#                                     # baseline and the scale-up, Triton decode on (about 9 min)
+#                                     # baseline and the scale-up (about 9 min)
 #
 # Results land in $OUT (the device tool's output folder) or bench/results; then, here:
 #   python -m bench.report bench/results/<name>.json --out docs/benchmarks.md
@@ -25,11 +25,11 @@ case "${1:-check}" in
     ;;
   bench)
     timeout 560 python -m bench.run --preset paper --contexts 16384,65536 --batches 1,8 --steps 16 \
-      --oversized 0 --no-scaleup --no-hf --triton-decode --name paper-decode-prefill --out "$out" 2>&1 | tail -40
+      --oversized 0 --no-scaleup --no-hf --name paper-decode-prefill --out "$out" 2>&1 | tail -40
     ;;
   full)
     timeout 580 python -m bench.run --preset paper --contexts 16384,65536 --batches 1,8 --steps 16 \
-      --triton-decode --name paper-full --out "$out" 2>&1 | tail -50
+      --name paper-full --out "$out" 2>&1 | tail -50
     ;;
   *) echo "usage: bash bench/gpu_session.sh check|bench|full" >&2; exit 2 ;;
 esac

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from fapool.attention import select_kernel
-from fapool.attention.triton_decode import triton_decode_reason
+from fapool.attention.paged import PagedPlan
 from fapool.loader import resolve_device
 
 
@@ -43,17 +44,16 @@ def probe(device: str = "auto", dtype: str = "bfloat16") -> dict[str, float | st
     k, v = torch.randn_like(q), torch.randn_like(q)
     t = _time(lambda: kernel.forward(q, k, v, causal=True), dev, 10 if big else 2)
     attn = 2 * h * d * n * n / t  # causal: half of 4·n²·h·d
-    # Decode: one query row per sequence over its region of a KV arena, as the engine runs it.
-    b, ctx = (8, 65536) if big else (4, 1024)
-    ka = torch.randn(b * ctx, h, d, dtype=dt, device=dev)
-    va = torch.randn_like(ka)
+    # Decode: one query row per sequence over its pages of a KV cache, as the engine runs it.
+    b, ctx, page = (8, 65536, 128) if big else (4, 1024, 16)
+    kp = torch.randn(b * ctx // page, page, h, d, dtype=dt, device=dev)
+    vp = torch.randn_like(kp)
     qd = torch.randn(b, h, d, dtype=dt, device=dev)
-    starts, lengths = [i * ctx for i in range(b)], [ctx] * b
-    plan = kernel.varlen_plan(starts, lengths, h, dev)
-    t = _time(lambda: kernel.decode_varlen(qd, ka, va, starts, lengths, plan=plan), dev, 20 if big else 2)
-    decode_bps = 2 * ka.numel() * ka.element_size() / t
-    reason = triton_decode_reason(dev)
+    table = np.arange(b * ctx // page, dtype=np.int32).reshape(b, -1)
+    plan = PagedPlan.build(table, [ctx] * b, [1] * b, page, dev)
+    t = _time(lambda: kernel.decode_paged(qd, kp, vp, plan), dev, 20 if big else 2)
+    decode_bps = 2 * kp.numel() * kp.element_size() / t
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"device": name, "kernel": kernel.name, "copy_bytes_per_s": copy_bps, "matmul_flops_per_s": mm,
-            "attention_flops_per_s": attn, "decode_kernel": "triton split-KV" if reason is None else kernel.name,
+            "attention_flops_per_s": attn, "decode_kernel": kernel.name,
             "decode_bytes_per_s": decode_bps, "decode_shape": f"{b}x{ctx}"}

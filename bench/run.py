@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-capacity-tokens", type=int, default=None,
                    help="KV cache per actor (default: from GPU memory; on CPU four longest sequences)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--triton-decode", action="store_true",
-                   help="decode attention with the Triton split-KV kernel (sets FAPOOL_TRITON_DECODE=1)")
     p.add_argument("--no-scaleup", action="store_true")
     p.add_argument("--out", default=os.environ.get("FAPOOL_BENCH_OUT", "bench/results"))
     p.add_argument("--name", default=None, help="result file name (default: preset and card)")
@@ -64,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     pools = ints(args.pools)
     cfg = PRESETS[args.preset]
 
-    if args.triton_decode:  # the cluster's actors get it from the controller's runtime_env
-        os.environ["FAPOOL_TRITON_DECODE"] = "1"
     # No runtime_env here: inside `ray job submit` Ray refuses a driver's runtime_env that repeats
     # the job's (env_vars included); a local cluster inherits this process's environment.
     connect(args.address)

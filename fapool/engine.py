@@ -19,11 +19,14 @@ from fapool.graphs import DecodeGraphs
 from fapool.kvcache import capacity_from_memory
 from fapool.paged_cache import PagedKVCache
 from fapool.loader import LoadedModel, load_model
+from fapool.logits import process_logits
+from fapool.logprobs import TokenLogprob, record_prompt_logprobs, sampled_logprobs
 from fapool.output import OutputProcessor
 from fapool.sampling import SamplingParams, make_generator, sample
 from fapool.scheduler import Scheduler
 from fapool.inflight import AsyncDecode, InFlight
 from fapool.sequence import Completion, RequestOutput, Sequence, SeqStatus
+from fapool.stats import EngineCounters
 from fapool.step_graph import PagedDecodeGraphs
 
 ExecutorFactory = Callable[[LoadedModel, PagedKVCache], AttentionExecutor]
@@ -66,6 +69,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
         self.last_launch_s = 0.0  # host seconds the latest step took to enqueue its GPU work
+        self.num_prefill_tokens = self.num_decode_tokens = 0  # rows computed, for the metrics
         if dev.type == "cuda" and config.cuda_graphs:
             self.warmup()  # before a base actor reports ready: the first request costs what the tenth does
 
@@ -81,6 +85,10 @@ class LLMEngine:
         """Queue a request; returns its id. Raises `ValueError` for a request that could never run."""
         ids = self.encode_prompt(prompt, prompt_token_ids)
         self.check_fits(len(ids), params.max_tokens)
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias names token {bad[0]}; token ids must be in [0, {vocab})")
         request_id = request_id or f"req-{next(self._ids)}"
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
@@ -130,6 +138,11 @@ class LLMEngine:
         for seq in sorted(seqs, key=lambda s: s.arrival_s, reverse=True):
             self.scheduler.preempt(seq)
 
+    def counters(self) -> EngineCounters:
+        c = self.cache
+        return EngineCounters(c.num_pages - 1 - c.free_pages, c.num_pages - 1, c.page_size,
+                              self.scheduler.num_preemptions, self.num_prefill_tokens, self.num_decode_tokens)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight() is not None or bool(self._spill)
 
@@ -160,10 +173,13 @@ class LLMEngine:
             return self._read(self.async_decode.take()) if self._inflight() is not None else []
         batch, seqs = scheduled
         self.last_batch = batch
+        decodes = sum(1 for q, s in zip(seqs, batch.slices) if s.num_tokens == 1 and s.start >= len(q.prompt_ids))
+        self.num_decode_tokens += decodes
+        self.num_prefill_tokens += batch.num_tokens - decodes
         n = len(seqs)
         captured = batch.kind == "decode" and self.step_graphs is not None and self.step_graphs.bucket(n) \
             and self.executor.graph_safe(batch)
-        if captured and self.async_decode is not None and all(s.params.greedy for s in seqs):
+        if captured and self.async_decode is not None and not any(s.params.needs_logits for s in seqs):
             self.executor.begin_step(batch)
             prev = self.async_decode.launch(batch, seqs)
             self.executor.end_step()
@@ -184,18 +200,23 @@ class LLMEngine:
         # Host time to enqueue the step: near the step's wall time means the host, not the GPU,
         # sets the pace (the benchmark reports it).
         self.last_launch_s = time.perf_counter() - t0
-        tokens = sample(logits, [seqs[i].params for i in sampled], [seqs[i].generator for i in sampled])
+        rows = [seqs[i] for i in sampled]
+        params = [q.params for q in rows]
+        processed = process_logits(logits, params, [(q.prompt_ids, q.output_ids) for q in rows], self.outputs.eos_ids)
+        tokens = sample(processed, params, [q.generator for q in rows])
+        # Of the raw logits (see fapool/logprobs.py), so after sampling from the processed ones.
+        lps = sampled_logprobs(logits, tokens, [p.logprobs for p in params])
         for seq, s in zip(seqs, batch.slices):
             seq.num_cached = s.end
-        return self._append([seqs[i] for i in sampled], tokens)
+        return self._append(rows, tokens, lps)
 
     def _chainable(self) -> bool:
-        """Whether the next step is a greedy local decode of every running sequence, which can be
-        launched before the tokens in flight are read."""
+        """Whether the next step is a greedy local decode of every running sequence, none of which
+        needs its logits on the host, which can be launched before the tokens in flight are read."""
         sch, ex = self.scheduler, self.executor
         if sch.waiting or not sch.running or self.step_graphs.bucket(len(sch.running)) is None:
             return False
-        return all(s.params.greedy and s.length - s.num_cached == 1 and not ex.prefill_whole(s.request_id)
+        return all(not s.params.needs_logits and s.length - s.num_cached == 1 and not ex.prefill_whole(s.request_id)
                    for s in sch.running)
 
     def _read(self, flight: InFlight) -> list[RequestOutput]:
@@ -206,11 +227,12 @@ class LLMEngine:
         keep = [(seq, t) for seq, t in zip(flight.seqs, tokens) if seq.status != SeqStatus.FINISHED]
         return self._append([seq for seq, _ in keep], [t for _, t in keep])
 
-    def _append(self, seqs: list[Sequence], tokens: list[int]) -> list[RequestOutput]:
+    def _append(self, seqs: list[Sequence], tokens: list[int],
+                logprobs: list[TokenLogprob | None] | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         results = []
-        for seq, tok in zip(seqs, tokens):
-            out = self.outputs.append(seq, tok, now)
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            out = self.outputs.append(seq, tok, now, logprobs[i] if logprobs is not None else None)
             if out.finished:
                 self.scheduler.finish(seq)
             results.append(out)
@@ -233,6 +255,7 @@ class LLMEngine:
             hidden = self.model(input_ids, pos, self.executor)
         if batch.kind == "decode":  # every row is its sequence's last token: no gather needed
             return self.model.logits(hidden[: len(seqs)]), list(range(len(seqs)))
+        record_prompt_logprobs(self.model.logits, hidden, batch, seqs)
         ends = batch.offsets()[1:]
         sampled = [i for i, (seq, s) in enumerate(zip(seqs, batch.slices)) if s.end == seq.length]
         return self.model.logits(hidden[[ends[i] - 1 for i in sampled]]), sampled

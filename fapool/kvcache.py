@@ -113,7 +113,8 @@ class KVCache:
         if self._arena is None:
             c = self.cfg
             shape = (c.num_hidden_layers, 2, self.capacity_tokens, c.num_key_value_heads, c.head_dim)
-            self._arena = torch.empty(shape, dtype=self.dtype, device=self.device)
+            # Zeroed: a paged kernel reads whole pages, and rows past a shard must be finite.
+            self._arena = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self._arena
 
     @property

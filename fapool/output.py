@@ -1,6 +1,7 @@
 """Turns sampled tokens into text and decides when a request stops."""
 from __future__ import annotations
 
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SampleError
 from fapool.sequence import Completion, RequestOutput, Sequence
 from fapool.tokenizer import Tokenizer
@@ -11,14 +12,17 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
 
-    def append(self, seq: Sequence, token: int, now_s: float) -> RequestOutput:
-        """Add one sampled token to `seq`; report the new text and whether the request is done.
+    def append(self, seq: Sequence, token: int, now_s: float, logprob: TokenLogprob | None = None) -> RequestOutput:
+        """Add one sampled token (and, when asked for, its logprob) to `seq`; report the new text
+        and whether the request is done.
 
         A `SampleError` in place of a token (this row could not be sampled) finishes this request
         alone with finish_reason "error" and the sampler's message."""
         if isinstance(token, SampleError):
             return self.abort(seq, "error", token.message)
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
         if seq.first_token_s is None:
             seq.first_token_s = now_s
         p = seq.params
@@ -29,7 +33,8 @@ class OutputProcessor:
         before = len(seq.text)
         seq.text += seq.stream.step(token)  # one token's work, not a decode of the whole output
         cut_at_stop = False
-        cut = p.stop_matcher.find(seq.text, before)  # only matches the new text completes
+        # Only matches the new text completes; none before min_tokens, as vLLM.
+        cut = p.stop_matcher.find(seq.text, before) if len(seq.output_ids) >= p.min_tokens else -1
         if cut >= 0:
             seq.text, seq.finish_reason, cut_at_stop = seq.text[:cut], "stop", True
         if seq.finish_reason is None and len(seq.output_ids) >= p.max_tokens:
@@ -39,13 +44,14 @@ class OutputProcessor:
             full = self.tokenizer.decode(seq.output_ids)
             if full.startswith(seq.text):
                 seq.text = full
-        return self._report(seq, (token,))
+        return self._report(seq, (token,), logprobs=(logprob,) if logprob is not None else ())
 
     def abort(self, seq: Sequence, reason: str = "abort", error: str | None = None) -> RequestOutput:
         seq.finish_reason = reason
         return self._report(seq, (), error)
 
-    def _report(self, seq: Sequence, new_ids: tuple[int, ...], error: str | None = None) -> RequestOutput:
+    def _report(self, seq: Sequence, new_ids: tuple[int, ...], error: str | None = None,
+                logprobs: tuple[TokenLogprob, ...] = ()) -> RequestOutput:
         finished = seq.finish_reason is not None
         visible = len(seq.text)
         if not finished:
@@ -64,7 +70,18 @@ class OutputProcessor:
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             error=error,
+            logprobs=logprobs,
+            prompt_logprobs=self._prompt_logprobs(seq) if new_ids else None,
+            queue_s=seq.scheduled_s - seq.arrival_s if finished and seq.scheduled_s is not None else None,
         )
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> tuple[TokenLogprob | None, ...] | None:
+        """The prompt's logprobs, once: with the first token reported."""
+        if seq.params.prompt_logprobs is None or seq.prompt_lps_sent:
+            return None
+        seq.prompt_lps_sent = True
+        return (None, *seq.prompt_lps)
 
     @staticmethod
     def completion(seq: Sequence) -> Completion:
@@ -76,4 +93,6 @@ class OutputProcessor:
             finish_reason=seq.finish_reason,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
+            logprobs=tuple(seq.output_logprobs),
+            prompt_logprobs=(None, *seq.prompt_lps) if seq.params.prompt_logprobs is not None else None,
         )

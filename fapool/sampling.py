@@ -16,6 +16,8 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (OpenAI allows 300)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each sampled token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt + output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until the output has this many tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -45,10 +54,39 @@ class SamplingParams:
         check_stops(self.stop)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; send at most {MAX_STOP_TOKEN_IDS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={k!r}; use an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}; use a value in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}; use a value in (0, 100] (1 is off)")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; send at most {MAX_LOGIT_BIAS}")
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens!r}; use an integer in [0, max_tokens={self.max_tokens}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether a logit processor (fapool/logits.py) changes this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether its tokens need the logits on the host side of a step (sampling, logprobs,
+        processors): such a request keeps the engine off the async captured decode path."""
+        return (not self.greedy or self.logprobs is not None or self.prompt_logprobs is not None
+                or self.processes_logits)
 
     # Built where the tokens are made (the engine), on first use; never part of equality.
     @cached_property

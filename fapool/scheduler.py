@@ -15,6 +15,7 @@ in prefill steps of their own, and decodes then run in steps of their own.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from fapool.batch import SeqSlice, StepBatch
@@ -102,6 +103,8 @@ class Scheduler:
                 break  # in order: later requests do not overtake one waiting for room
             self.waiting.popleft()
             ex.allocate(seq.request_id, n, seq.max_length)
+            if seq.scheduled_s is None:  # its queue time ends at its first admission
+                seq.scheduled_s = time.monotonic()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             if ex.prefill_whole(seq.request_id) and n > budget and chunks:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 
 
@@ -31,8 +32,13 @@ class Sequence:
     sent_text_len: int = 0  # characters already reported
     finish_reason: str | None = None
     first_token_s: float | None = None
+    scheduled_s: float | None = None  # monotonic time of its first admission to the running batch
     stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
     pending: int = 0  # tokens sampled on the device whose values the host has not read yet
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    # With params.prompt_logprobs: entry p is prompt token p + 1's; kept across a preemption.
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps_sent: bool = False
 
     @property
     def length(self) -> int:
@@ -69,6 +75,10 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of new_token_ids, with params.logprobs
+    # With params.prompt_logprobs, once (with the first token): None for the first prompt token.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    queue_s: float | None = None  # once finished: seconds from arrival to first admission
 
 
 @dataclass(frozen=True)
@@ -81,3 +91,5 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

@@ -127,12 +127,11 @@ def drain(app: str, grace_s: float) -> None:
     left on the bases, or the deadline."""
     import ray
 
+    from actors.cluster import running_clusters
     from actors.config import NAMESPACE
+    from serve.service import cluster_prefix
 
-    prefix = f"fapool-serve-{app}-"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == NAMESPACE and a["name"].startswith(prefix) and "-base-" not in a["name"]]
-    controllers = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+    controllers = [ray.get_actor(n, namespace=NAMESPACE) for n in running_clusters(cluster_prefix(app))]
     if not controllers:
         return
     deadline = time.time() + grace_s

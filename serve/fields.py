@@ -13,7 +13,7 @@ from pydantic import (BeforeValidator, Field, GetCoreSchemaHandler, GetJsonSchem
                       ValidationInfo)
 from pydantic_core import core_schema
 
-from fapool.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, check_stops
+from fapool.sampling import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, check_stops
 
 MAX_BATCH_PROMPTS = 256  # prompts in one /v1/completions request (each is its own engine request)
 
@@ -84,6 +84,29 @@ def _prompt_ids(v: Any) -> Any:
 
 
 PromptIds = Annotated[Union[Annotated[list[TokenId], Field(min_length=1)], None], BeforeValidator(_prompt_ids)]
+
+
+# ---- logit_bias: {"token id": bias} ----------------------------------------------------------
+def _logit_bias(v: Any) -> Any:
+    if v is None:
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f'must be an object of token id (a string) to bias, e.g. {{"50256": -100}}, not {_kind(v)}')
+    if len(v) > MAX_LOGIT_BIAS:
+        raise ValueError(f"has {len(v)} entries; send at most {MAX_LOGIT_BIAS}")
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isdigit()):
+            raise ValueError(f"key {_short(k)} is not a token id; keys are token ids written as strings")
+        if type(b) not in (int, float) or not -100 <= b <= 100:
+            raise ValueError(f"[{k!r}] is {_short(b)}; a bias is a number in [-100, 100]")
+    return v
+
+
+LogitBias = Annotated[Union[dict[StrictStr, float], None], BeforeValidator(_logit_bias)]
+
+
+def logit_bias_pairs(v: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    return tuple((int(k), float(b)) for k, b in (v or {}).items())
 
 
 # ---- /v1/completions prompt: a string, token ids, or a batch of either -----------------------

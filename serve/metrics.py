@@ -1,8 +1,9 @@
-"""Prometheus metrics (the contract's `fapool_*` names) and the latency window behind `/pool`.
+"""Prometheus metrics (the contract's `fapool_*` names, and what an operator needs besides, after
+vLLM's) and the latency window behind `/pool`.
 
-Per-request histograms and token counters are recorded where the tokens stream through the
-ingress; pool and queue gauges are read from the controller's and bases' latest snapshot at scrape
-time, so `/metrics` covers every base actor and the controller.
+Per-request histograms and counters are recorded where the tokens stream through the ingress;
+pool, queue, KV-cache and engine gauges and counters are read from the controller's and bases'
+latest snapshot at scrape time, so `/metrics` covers every base actor and the controller.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from actors.messages import PoolStatus
+from actors.messages import BaseStats, PoolStatus
 
 METRIC_NAMES = (
     "fapool_pool_size",
@@ -28,6 +29,23 @@ METRIC_NAMES = (
     "fapool_e2e_request_latency_seconds",
     "fapool_request_context_tokens",
 )
+# Beside the contract, as vLLM exports them (vllm:kv_cache_usage_perc, vllm:num_preemptions,
+# vllm:request_success{finished_reason}, vllm:request_queue_time_seconds, ...); name -> type.
+OPERATOR_METRICS = {
+    "fapool_kv_cache_used_pages": "gauge",  # {base}
+    "fapool_kv_cache_total_pages": "gauge",  # {base}
+    "fapool_kv_cache_usage_ratio": "gauge",  # {base}: used / total pages, 0..1
+    "fapool_pool_member_kv_used_tokens": "gauge",  # {member}: rows the bases hold on each pool member
+    "fapool_pool_member_kv_total_tokens": "gauge",  # {member}: the bases' shares of its arena
+    "fapool_preemptions_total": "counter",  # {base}
+    "fapool_prefill_tokens_total": "counter",  # {base}: prompt rows computed (recompute included)
+    "fapool_decode_tokens_total": "counter",  # {base}
+    "fapool_requests_finished_total": "counter",  # {reason}: stop, length, abort, error
+    "fapool_request_queue_time_seconds": "histogram",
+    "fapool_request_prompt_tokens": "histogram",
+    "fapool_request_generation_tokens": "histogram",
+}
+FINISH_REASONS = ("stop", "length", "abort", "error")
 disable_created_metrics()  # the *_created series only clutter the exposition
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = tuple(2**k for k in range(4, 19))  # 16 .. 262144 tokens
@@ -41,6 +59,7 @@ class Snapshot:
         self.running = 0
         self.waiting = 0
         self.scale_counts: dict[str, int] = {"up": 0, "down": 0}
+        self.bases: list[BaseStats] = []  # the healthy bases' latest stats
         self.time_s = 0.0
 
 
@@ -59,6 +78,38 @@ class _PoolCollector:
         yield events
         yield GaugeMetricFamily("fapool_requests_running", "Requests in running batches", value=snap.running)
         yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
+        yield from _engine_metrics(snap.bases)
+
+
+def _engine_metrics(bases: list[BaseStats]) -> Iterable[Metric]:
+    def family(kind: type, name: str, doc: str, label: str = "base") -> Metric:
+        return kind(name, doc, labels=[label])
+
+    used = family(GaugeMetricFamily, "fapool_kv_cache_used_pages", "KV-cache pages held by sequences")
+    total = family(GaugeMetricFamily, "fapool_kv_cache_total_pages", "KV-cache pages in all")
+    ratio = family(GaugeMetricFamily, "fapool_kv_cache_usage_ratio", "KV-cache pages used / total (0..1)")
+    preempt = family(CounterMetricFamily, "fapool_preemptions", "Sequences preempted (recomputed) for want of pages")
+    prefill = family(CounterMetricFamily, "fapool_prefill_tokens", "Prompt rows computed (recomputation included)")
+    decode = family(CounterMetricFamily, "fapool_decode_tokens", "Decode rows computed")
+    member_used: dict[int, int] = {}
+    member_total: dict[int, int] = {}
+    for b in bases:
+        e, label = b.engine, [str(b.base_id)]
+        used.add_metric(label, e.kv_used_pages)
+        total.add_metric(label, e.kv_total_pages)
+        ratio.add_metric(label, e.kv_used_pages / e.kv_total_pages if e.kv_total_pages else 0.0)
+        preempt.add_metric(label, e.num_preemptions)
+        prefill.add_metric(label, e.num_prefill_tokens)
+        decode.add_metric(label, e.num_decode_tokens)
+        for mid, rows, share in b.members_kv:  # each base holds a share of every member's arena
+            member_used[mid] = member_used.get(mid, 0) + rows
+            member_total[mid] = member_total.get(mid, 0) + share
+    m_used = family(GaugeMetricFamily, "fapool_pool_member_kv_used_tokens", "KV rows held on a pool member", "member")
+    m_total = family(GaugeMetricFamily, "fapool_pool_member_kv_total_tokens", "KV rows of a pool member", "member")
+    for mid in sorted(member_used):
+        m_used.add_metric([str(mid)], member_used[mid])
+        m_total.add_metric([str(mid)], member_total[mid])
+    yield from (used, total, ratio, preempt, prefill, decode, m_used, m_total)
 
 
 class Metrics:
@@ -75,11 +126,27 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.context = Histogram("fapool_request_context_tokens", "Prompt + generated tokens per request",
                                  buckets=TOKEN_BUCKETS, registry=r)
+        self.finished = Counter("fapool_requests_finished", "Requests finished, by reason", ["reason"], registry=r)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)  # every reason present from the start, at 0
+        self.queue = Histogram("fapool_request_queue_time_seconds", "Time from arrival at a base to admission",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_len = Histogram("fapool_request_prompt_tokens", "Prompt tokens per request",
+                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.generation_len = Histogram("fapool_request_generation_tokens", "Generated tokens per request",
+                                        buckets=(1, 2, 4, 8) + TOKEN_BUCKETS, registry=r)
         r.register(_PoolCollector(snapshot))
         self.window = LatencyWindow()
 
+    def observe_finish(self, reason: str) -> None:
+        self.finished.labels(reason if reason in FINISH_REASONS else "error").inc()
+
     def observe_request(self, ttft_s: float | None, tpot_s: float | None, e2e_s: float,
-                        prompt_tokens: int, completion_tokens: int) -> None:
+                        prompt_tokens: int, completion_tokens: int, queue_s: float | None = None) -> None:
+        if queue_s is not None:
+            self.queue.observe(queue_s)
+        self.prompt_len.observe(prompt_tokens)
+        self.generation_len.observe(completion_tokens)
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         if ttft_s is not None:

@@ -5,6 +5,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter
 
+from serve.openai_format import generate_logprobs
 from serve.openapi import STREAMING
 from serve.schemas import GenerateBody
 from serve.service import current
@@ -19,8 +20,9 @@ async def generate(body: GenerateBody):
     params = body.sampling_params()
     if not body.stream:
         r = await svc.complete(body.prompt, body.prompt_token_ids, params)
-        return {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
+        out = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+               "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
+        return _with_logprobs(out, body, r.logprobs, r.prompt_logprobs)
     events = await svc.open_stream(body.prompt, body.prompt_token_ids, params)
 
     async def chunks() -> AsyncIterator[dict]:
@@ -28,6 +30,15 @@ async def generate(body: GenerateBody):
             item = {"text": ev.text, "token_ids": list(ev.token_ids), "finish_reason": ev.finish_reason}
             if ev.finish_reason is not None:
                 item["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
-            yield item
+            yield _with_logprobs(item, body, ev.logprobs, ev.prompt_logprobs)
 
     return sse_response(chunks())
+
+
+def _with_logprobs(item: dict, body: GenerateBody, lps, prompt_lps) -> dict:
+    """`logprobs` (a list, one per token id) and `prompt_logprobs` (in the first event) when asked."""
+    if body.logprobs is not None:
+        item["logprobs"] = generate_logprobs(lps)
+    if body.prompt_logprobs is not None and prompt_lps is not None:
+        item["prompt_logprobs"] = generate_logprobs(prompt_lps)
+    return item

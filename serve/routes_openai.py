@@ -15,6 +15,8 @@ from fastapi import APIRouter
 
 from actors.messages import TokenEvent
 from serve.errors import APIError
+from serve.openai_format import (CompletionLogprobs, best, chat_logprobs, choice_params, output_entries,
+                                 prompt_entries)
 from serve.openapi import STREAMING
 from serve.schemas import ChatBody, CompletionBody
 from serve.service import current
@@ -88,10 +90,16 @@ async def model(model_id: str):
 @router.post("/completions", responses=STREAMING)
 async def completions(body: CompletionBody):
     svc = current()
-    model = check_model(svc, body.model)
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    jobs = [await room(svc, body.max_tokens, *((p, None) if isinstance(p, str) else (None, p)))
-            for p in body.prompts()]
+    model = check_model(svc, body.checked().model)
+    cid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.num_choices
+    jobs = []
+    for p in body.prompts():
+        text, ids = (p, None) if isinstance(p, str) else (None, p)
+        if body.echo and ids is None:  # echo names the prompt's tokens: make them here, as the base would
+            text, ids = None, await asyncio.to_thread(svc.tokenizer.encode, text)
+        text, ids, max_tokens = await room(svc, body.max_tokens, text, ids)
+        echo = (p if isinstance(p, str) else svc.tokenizer.decode(ids)) if body.echo else ""
+        jobs.append((text, ids, echo, body.sampling_params(max_tokens)))
 
     def chunk(choices: list[dict], use: dict | None = None) -> dict:
         out = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
@@ -99,21 +107,43 @@ async def completions(body: CompletionBody):
             out["usage"] = use
         return out
 
-    def choice(i: int, text: str, finish: str | None) -> dict:
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(i: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     if not body.stream:
-        done = await gather_or_cancel(*(svc.complete(t, ids, body.sampling_params(n)) for t, ids, n in jobs))
-        return chunk([choice(i, r.text, r.finish_reason) for i, r in enumerate(done)],
-                     usage(sum(r.prompt_tokens for r in done), sum(r.completion_tokens for r in done)))
-    streams = await gather_or_cancel(*(svc.open_stream(t, ids, body.sampling_params(n)) for t, ids, n in jobs))
+        runs = await gather_or_cancel(*(svc.complete(t, ids, p) for t, ids, _, params in jobs
+                                        for p in choice_params(params, body.num_candidates)))
+        choices, totals, k = [], [0, 0], body.num_candidates
+        for j, (_, ids, echo, _) in enumerate(jobs):
+            chosen = best(runs[j * k : (j + 1) * k], n)
+            totals[0] += chosen[0].prompt_tokens
+            totals[1] += sum(r.completion_tokens for r in chosen)
+            for c, r in enumerate(chosen):
+                lp = None
+                if body.logprobs is not None:
+                    entries = prompt_entries(ids, r.prompt_logprobs) if body.echo else []
+                    lp = CompletionLogprobs(svc.tokenizer).shape(entries + output_entries(r.token_ids, r.logprobs))
+                choices.append(choice(j * n + c, echo + r.text, r.finish_reason, lp))
+        return chunk(choices, usage(*totals))
+    streams = await gather_or_cancel(*(svc.open_stream(t, ids, p) for t, ids, _, params in jobs
+                                       for p in choice_params(params, n)))
 
     async def chunks() -> AsyncIterator[dict]:
         totals = [0, 0]
+        logprobs = [CompletionLogprobs(svc.tokenizer) for _ in streams]
+        started = [False] * len(streams)
         async for i, ev in merge(streams):
-            if ev.text or ev.finish_reason:
-                yield chunk([choice(i, ev.text, ev.finish_reason)])
-            _count(totals, ev)
+            _, ids, echo, _ = jobs[i // n]
+            text, entries = ev.text, output_entries(ev.token_ids, ev.logprobs)
+            if not started[i] and (ev.token_ids or ev.finish_reason):
+                started[i] = True
+                text = echo + text
+                if body.echo:
+                    entries = prompt_entries(ids, ev.prompt_logprobs) + entries
+            lp = logprobs[i].shape(entries) if body.logprobs is not None and entries else None
+            if text or ev.finish_reason or lp:
+                yield chunk([choice(i, text, ev.finish_reason, lp)])
+            _count(totals, ev, i % n == 0)
         if body.include_usage:
             yield chunk([], usage(*totals))
 
@@ -123,18 +153,24 @@ async def completions(body: CompletionBody):
 @router.post("/chat/completions", responses=STREAMING)
 async def chat_completions(body: ChatBody):
     svc = current()
-    model = check_model(svc, body.model)
+    model = check_model(svc, body.checked().model)
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     ids = await asyncio.to_thread(svc.encode_chat, messages)
     _, ids, max_tokens = await room(svc, body.requested_max_tokens, None, ids)
     cid, created, params = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.sampling_params(max_tokens)
+    every = choice_params(params, body.num_choices)
+
+    def logprobs(lps) -> dict | None:
+        return chat_logprobs(svc.tokenizer, lps) if body.logprobs else None
+
     if not body.stream:
-        r = await svc.complete(None, ids, params)
+        runs = await gather_or_cancel(*(svc.complete(None, ids, p) for p in every))
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": None, "finish_reason": r.finish_reason}],
-                "usage": usage(r.prompt_tokens, r.completion_tokens)}
-    events = await svc.open_stream(None, ids, params)
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             "logprobs": logprobs(r.logprobs), "finish_reason": r.finish_reason}
+                            for i, r in enumerate(runs)],
+                "usage": usage(runs[0].prompt_tokens, sum(r.completion_tokens for r in runs))}
+    streams = await gather_or_cancel(*(svc.open_stream(None, ids, p) for p in every))
 
     def chunk(choices: list[dict], use: dict | None = None) -> dict:
         out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
@@ -142,23 +178,26 @@ async def chat_completions(body: ChatBody):
             out["usage"] = use
         return out
 
-    def choice(delta: dict, finish: str | None) -> dict:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def choice(i: int, delta: dict, finish: str | None, lp: dict | None = None) -> dict:
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     async def chunks() -> AsyncIterator[dict]:
         totals = [0, 0]
-        yield chunk([choice({"role": "assistant", "content": ""}, None)])
-        async for ev in events:
-            if ev.text or ev.finish_reason:  # the last chunk may carry only its finish_reason
-                yield chunk([choice({"content": ev.text} if ev.text else {}, ev.finish_reason)])
-            _count(totals, ev)
+        for i in range(len(streams)):
+            yield chunk([choice(i, {"role": "assistant", "content": ""}, None)])
+        async for i, ev in merge(streams):
+            lp = logprobs(ev.logprobs) if ev.logprobs else None
+            if ev.text or ev.finish_reason or lp:  # the last chunk may carry only its finish_reason
+                yield chunk([choice(i, {"content": ev.text} if ev.text else {}, ev.finish_reason, lp)])
+            _count(totals, ev, i == 0)
         if body.include_usage:
             yield chunk([], usage(*totals))
 
     return sse_response(chunks())
 
 
-def _count(totals: list[int], ev: TokenEvent) -> None:
+def _count(totals: list[int], ev: TokenEvent, count_prompt: bool) -> None:
+    """Usage: a prompt counts once however many choices it has."""
     if ev.finish_reason is not None:
-        totals[0] += ev.prompt_tokens
+        totals[0] += ev.prompt_tokens if count_prompt else 0
         totals[1] += ev.completion_tokens

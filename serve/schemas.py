@@ -6,15 +6,38 @@ with a 400 naming it (`Refused` in serve/fields.py).
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from fapool.sampling import SamplingParams
-from serve.fields import CompletionPrompt, PromptIds, Refused, Stop, StopTokenIds, Text, check_text
+from fapool.sampling import MAX_LOGPROBS, SamplingParams
+from serve.errors import APIError
+from serve.fields import (MAX_BATCH_PROMPTS, CompletionPrompt, LogitBias, PromptIds, Refused, Stop, StopTokenIds, Text, check_text,
+                          logit_bias_pairs)
+
+MAX_N = 128  # choices (or best_of candidates) per prompt: each is an engine request
+Logprobs = Annotated[Union[StrictInt, None], Field(ge=0, le=MAX_LOGPROBS)]
 
 
-class GenerateBody(BaseModel):
+class ProcessorFields(BaseModel):
+    """Logit processors (fapool/logits.py), shared by every route; null means off."""
+
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, strict=True, allow_inf_nan=False,
+                                             description="vLLM's: 1 is off")
+    logit_bias: LogitBias = None
+    min_tokens: StrictInt | None = Field(None, ge=0)
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        return {"presence_penalty": float(self.presence_penalty or 0.0),
+                "frequency_penalty": float(self.frequency_penalty or 0.0),
+                "repetition_penalty": 1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+                "logit_bias": logit_bias_pairs(self.logit_bias), "min_tokens": self.min_tokens or 0}
+
+
+class GenerateBody(ProcessorFields):
     """`POST /generate`: FA Pool's own simple route. Give exactly one of prompt or prompt_token_ids."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
@@ -31,6 +54,13 @@ class GenerateBody(BaseModel):
     stop_token_ids: StopTokenIds = None
     ignore_eos: StrictBool = False
     stream: StrictBool = False
+    logprobs: Logprobs = None  # each token's logprob and this many alternatives
+    prompt_logprobs: Logprobs = None  # the same for the prompt's tokens
+
+    def sampling_params(self) -> SamplingParams:
+        return make_params(self.max_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.stop,
+                           self.stop_token_ids, self.ignore_eos, logprobs=self.logprobs,
+                           prompt_logprobs=self.prompt_logprobs, **self.processor_kwargs())
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "GenerateBody":
@@ -38,19 +68,21 @@ class GenerateBody(BaseModel):
             raise ValueError("give exactly one of prompt or prompt_token_ids")
         return self
 
-    def sampling_params(self) -> SamplingParams:
-        return make_params(self.max_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.stop,
-                           self.stop_token_ids, self.ignore_eos)
-
 
 def make_params(max_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
                 seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None,
-                ignore_eos: bool | None) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
-        top_p=1.0 if top_p is None else float(top_p), top_k=max(top_k or 0, 0), seed=seed,
-        stop=tuple([stop] if isinstance(stop, str) else (stop or ())), stop_token_ids=tuple(stop_token_ids or ()),
-        ignore_eos=bool(ignore_eos))
+                ignore_eos: bool | None, **extra: Any) -> SamplingParams:
+    """The core's params; a value only the combination makes wrong (min_tokens over max_tokens) is
+    a 400 naming its field."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
+            top_p=1.0 if top_p is None else float(top_p), top_k=max(top_k or 0, 0), seed=seed,
+            stop=tuple([stop] if isinstance(stop, str) else (stop or ())),
+            stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=bool(ignore_eos), **extra)
+    except ValueError as e:
+        m = re.match(r"(\w+)=", str(e))
+        raise APIError(400, str(e), "invalid_value", m.group(1) if m else None) from None
 
 
 class StreamOptions(BaseModel):
@@ -58,7 +90,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
-class OpenAIFields(BaseModel):
+class OpenAIFields(ProcessorFields):
     """What the OpenAI completions and chat APIs share; null means the default, as in OpenAI's API."""
 
     model_config = ConfigDict(extra="forbid")
@@ -75,14 +107,7 @@ class OpenAIFields(BaseModel):
     top_k: StrictInt | None = Field(None, ge=-1, description="0 or -1: off")
     stop_token_ids: StopTokenIds = None
     ignore_eos: StrictBool | None = None
-    # OpenAI fields that need engine support this server does not have yet.
-    n: Annotated[Any, Refused(1, fix="send one request per choice")] = None
-    logprobs: Annotated[Any, Refused(False, fix="leave logprobs unset")] = None
-    presence_penalty: Annotated[Any, Refused(0, fix="leave it unset or 0")] = None
-    frequency_penalty: Annotated[Any, Refused(0, fix="leave it unset or 0")] = None
-    logit_bias: Annotated[Any, Refused({}, fix="leave it unset")] = None
-    min_tokens: Annotated[Any, Refused(0, fix="leave it unset or 0")] = None
-    repetition_penalty: Annotated[Any, Refused(1, fix="leave it unset or 1")] = None
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N, description="choices per prompt")
 
     @model_validator(mode="after")
     def _stream_options(self) -> "OpenAIFields":
@@ -94,18 +119,49 @@ class OpenAIFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    def logprob_kwargs(self) -> dict[str, int | None]:
+        return {}
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return make_params(max_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.stop,
-                           self.stop_token_ids, self.ignore_eos)
+                           self.stop_token_ids, self.ignore_eos, **self.logprob_kwargs(), **self.processor_kwargs())
 
 
 class CompletionBody(OpenAIFields):
     """`POST /v1/completions`. A list of strings or of token-id lists is a batch: one choice each."""
 
     prompt: CompletionPrompt
-    echo: Annotated[Any, Refused(False, fix="leave echo unset or false")] = None
-    best_of: Annotated[Any, Refused(1, fix="leave best_of unset or 1")] = None
+    logprobs: Logprobs = None  # each token's logprob and this many alternatives
+    echo: StrictBool | None = None  # the prompt before the completion (with its logprobs, if asked)
+    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N, description="candidates; the n most likely are returned")
     suffix: Annotated[Any, Refused("", fix="leave suffix unset")] = None
+
+    def checked(self) -> "CompletionBody":
+        if self.best_of is not None and self.best_of < self.num_choices:
+            raise APIError(400, f"best_of={self.best_of} is less than n={self.num_choices}; use best_of >= n",
+                           "invalid_value", "best_of")
+        if self.best_of is not None and self.best_of > self.num_choices and self.stream:
+            raise APIError(400, "best_of > n cannot stream (the best are known only at the end); "
+                           "set stream to false or best_of to n", "invalid_value", "best_of")
+        total = len(self.prompts()) * self.num_candidates
+        if total > MAX_BATCH_PROMPTS:  # each is an engine request: bound one HTTP request's share
+            name = "best_of" if self.num_candidates > self.num_choices else "n"
+            raise APIError(400, f"{len(self.prompts())} prompts x {name}={self.num_candidates} = {total} requests; "
+                           f"send at most {MAX_BATCH_PROMPTS} per call", "invalid_value", name)
+        return self
+
+    @property
+    def num_candidates(self) -> int:
+        return max(self.best_of or 1, self.num_choices)
+
+    def logprob_kwargs(self) -> dict[str, int | None]:
+        # Choosing the best of several needs each candidate's cumulative logprob.
+        k = self.logprobs if self.logprobs is not None or self.num_candidates == self.num_choices else 0
+        return {"logprobs": k, "prompt_logprobs": self.logprobs if self.echo else None}
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -162,8 +218,17 @@ class ChatBody(OpenAIFields):
     parallel_tool_calls: StrictBool | None = None  # meaningless without tools, which are refused
     prompt_cache_key: StrictStr | None = None
     safety_identifier: StrictStr | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Logprobs = None  # alternatives per token, with logprobs: true
+
+    def checked(self) -> "ChatBody":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+        return self
+
+    def logprob_kwargs(self) -> dict[str, int | None]:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
     # Chat features that need what this server does not have.
-    top_logprobs: Annotated[Any, Refused(0, fix="leave top_logprobs unset")] = None
     tools: Annotated[Any, Refused([], fix="leave tools unset")] = None
     tool_choice: Annotated[Any, Refused("none", fix="leave tool_choice unset")] = None
     functions: Annotated[Any, Refused([], fix="leave functions unset")] = None

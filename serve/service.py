@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import ray
@@ -15,6 +15,7 @@ from actors.cluster import Cluster
 from actors.config import ClusterConfig
 from actors.messages import GenerateRequest, TokenEvent
 from fapool.config import PRESETS
+from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
@@ -40,6 +41,12 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with params.prompt_logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
 
 
 class InferenceService:
@@ -47,7 +54,7 @@ class InferenceService:
         self.cfg, self.limits = cfg, limits
         # This replica owns its cluster: `serve shutdown` or a redeploy ends the replica and with
         # it every actor of the cluster, and a redeploy starts one with the new settings.
-        self.cluster = Cluster.start(cfg, name=f"fapool-serve-{_app_name()}-{uuid.uuid4().hex[:8]}")
+        self.cluster = Cluster.start(cfg, name=cluster_prefix(_app_name()) + uuid.uuid4().hex[:8])
         self.supervisor = self.cluster.supervisor
         infos = ray.get(self.cluster.controller.get_base_info.remote())
         self.max_model_len = infos[0]["max_model_len"]
@@ -112,13 +119,16 @@ class InferenceService:
 
     async def complete(self, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams) -> Finished:
-        text, ids, last = [], [], None
+        text, ids, lps, prompt_lps, last = [], [], [], None, None
         async for ev in await self.open_stream(prompt, prompt_token_ids, params):
             text.append(ev.text)
             ids += ev.token_ids
+            lps += ev.logprobs
+            prompt_lps = ev.prompt_logprobs if ev.prompt_logprobs is not None else prompt_lps
             last = ev
         assert last is not None and last.finish_reason is not None
-        return Finished("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Finished("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                        lps, prompt_lps)
 
     async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         b = self._pick_base()
@@ -127,13 +137,15 @@ class InferenceService:
         gen = base.generate.options(num_returns="streaming").remote(req)
         t0 = time.monotonic()
         first_s = last_s = None
-        done = False
+        done, reason = False, "abort"  # a stream left before its end: the client went away
         try:
             while True:
                 batch = await self._next_batch(gen, t0)
                 for ev in batch:
                     if ev.finish_reason == "error":
                         done = True
+                        # A refused request (bad value, full queue) never ran: not a finished one.
+                        reason = "error" if ev.error_type not in ("invalid_request", "overloaded") else ""
                         raise _to_api_error(ev)
                     now = time.monotonic()
                     if ev.token_ids:
@@ -141,14 +153,21 @@ class InferenceService:
                         last_s = now
                     done = ev.finish_reason is not None
                     if done:
+                        reason = ev.finish_reason
                         tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
                         self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
-                                                     ev.prompt_tokens, ev.completion_tokens)
+                                                     ev.prompt_tokens, ev.completion_tokens, ev.queue_s)
                     yield ev
                     if done:
                         return
+        except APIError as e:
+            # Cut short by the server (timeout, drain) is an abort; a base lost under it, an error.
+            reason = reason if done else ("abort" if e.status == 504 or self.draining() else "error")
+            raise
         finally:
             self._inflight_by_base[b] -= 1
+            if reason:
+                self.metrics.observe_finish(reason)
             if not done:  # the client went away, timed out or the server drains: free the KV now
                 try:
                     base.abort.remote(req.request_id)
@@ -220,6 +239,7 @@ class InferenceService:
                 snap.status, snap.scale_counts = status, counts
                 snap.running = sum(s.running for s in stats)
                 snap.waiting = sum(s.waiting for s in stats)
+                snap.bases = list(stats)
                 snap.time_s = time.time()
                 self._snap = snap
         return self._snap
@@ -265,6 +285,11 @@ def current() -> InferenceService:
 
 def guard_settings() -> tuple[str | None, int]:
     return _guard_settings
+
+
+def cluster_prefix(app: str) -> str:
+    """How the clusters of Serve application `app` are named (`fapool serve` drains them by it)."""
+    return f"fapool-serve-{app}-"
 
 
 def _app_name() -> str:

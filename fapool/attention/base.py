@@ -11,9 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fapool.attention import triton_decode
-from fapool.attention.paged import PagedPlan, gathered, padded_decode
-from fapool.attention.triton_decode import SplitPlan, decode_split_kv, triton_decode_reason
+from fapool.attention.paged import PagedPlan, gathered, gathered_rows, padded_decode
 
 logger = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -73,20 +71,9 @@ class AttentionKernel(ABC):
 
         q: (B, Hq, D); k_arena, v_arena: (R, Hkv, D); sequence i sees rows
         ``[starts[i], starts[i] + lengths[i])`` unmasked (its own newest key is among them).
-        Returns out (B, Hq, D) and lse (Hq, B). On CUDA with Triton the whole batch is one
-        split-KV launch pair (:mod:`triton_decode`), with ``plan`` from :meth:`varlen_plan` made
-        once per step; otherwise one :meth:`forward` per sequence.
+        Returns out (B, Hq, D) and lse (Hq, B). Here one :meth:`forward` per sequence; a kernel
+        with a varlen op overrides it (``plan`` from :meth:`varlen_plan`, made once per step).
         """
-        if plan is None and q.is_cuda:
-            # The split plan only: a subclass's varlen_plan may build its own op's plan (and copy
-            # it to the GPU) for nothing here.
-            plan = self._split_plan(starts, lengths, k_arena.shape[1], q.device)
-        if isinstance(plan, SplitPlan):
-            try:
-                return decode_split_kv(q, k_arena, v_arena, plan, scale or q.shape[-1] ** -0.5)
-            except Exception as exc:  # noqa: BLE001 - a compiler or driver refusal: fall back, once
-                logger.warning("Triton split-KV decode failed (%s); per-sequence kernels instead", exc)
-                triton_decode.disable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         outs, lses = [], []
         for i, (s, n) in enumerate(zip(starts, lengths)):
             o, lse = self.forward(q[i : i + 1], k_arena[s : s + n], v_arena[s : s + n], causal=False, scale=scale)
@@ -97,8 +84,11 @@ class AttentionKernel(ABC):
     def decode_paged(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
                      scale: float | None = None) -> tuple[Tensor, Tensor]:
         """One query row per sequence, q (B, Hq, D), over its pages of k_pages, v_pages
-        (pages, page_size, Hkv, D). Returns out (B, Hq, D) and lse (Hq, B)."""
-        return gathered(self, q, k_pages, v_pages, plan, scale, causal=False)
+        (pages, page_size, Hkv, D). Returns out (B, Hq, D) and lse (Hq, B). Here: every
+        sequence's rows gathered into one contiguous copy, then :meth:`decode_varlen` over it."""
+        k, v, starts = gathered_rows(k_pages, v_pages, plan)
+        return self.decode_varlen(q, k, v, starts, plan.lengths, scale, self.varlen_plan(
+            starts, plan.lengths, k.shape[1], q.device))
 
     def paged_decode(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
                      seq_lens: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -115,14 +105,7 @@ class AttentionKernel(ABC):
 
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
                     device: torch.device) -> object | None:
-        """Per-step metadata for :meth:`decode_varlen`: the Triton split plan where it runs."""
-        return self._split_plan(starts, lengths, num_kv_heads, device)
-
-    @staticmethod
-    def _split_plan(starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
-                    device: torch.device) -> SplitPlan | None:
-        if starts and min(lengths) >= 1 and triton_decode_reason(device) is None:
-            return SplitPlan.build(starts, lengths, num_kv_heads, device)
+        """Per-step metadata for :meth:`decode_varlen` (None: it needs none)."""
         return None
 
     @abstractmethod

@@ -94,6 +94,15 @@ def padded_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tenso
     return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq).transpose(0, 1).contiguous()
 
 
+def gathered_rows(k_pages: Tensor, v_pages: Tensor, plan: PagedPlan) -> tuple[Tensor, Tensor, list[int]]:
+    """Every sequence's rows copied out of the pages into one contiguous (R, Hkv, D) pair, with
+    each sequence's first row: one index_select each for K and V, whatever the batch."""
+    idx = np.concatenate([_rows(plan, i) for i in range(len(plan.lengths))])
+    starts = np.concatenate([[0], np.cumsum(plan.lengths)[:-1]]).tolist()
+    idx_t = torch.from_numpy(idx).to(k_pages.device, non_blocking=True)
+    return k_pages.flatten(0, 1).index_select(0, idx_t), v_pages.flatten(0, 1).index_select(0, idx_t), starts
+
+
 def split_table(table: np.ndarray, lengths: list[int], page_size: int, splits: int,
                 width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut each sequence's pages into `splits` chunks of whole pages: the page table (B * S, W')

@@ -28,7 +28,6 @@ from fapool.attention.sdpa_ops import (
     kv_splits_for,
     varlen_decode,
 )
-from fapool.attention.triton_decode import SplitPlan
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +133,9 @@ class SdpaCudnnKernel(AttentionKernel):
         )
 
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
-                    device: torch.device) -> SplitPlan | VarlenMeta | None:
+                    device: torch.device) -> VarlenMeta | None:
         """Device-side metadata for :meth:`decode_varlen`, built once per step (building it per
-        layer would synchronise the host with the GPU four times a step): the Triton split-KV
-        plan where Triton runs, else the varlen flash op's."""
-        split = self._split_plan(starts, lengths, num_kv_heads, device)
-        if split is not None:
-            return split
+        layer would synchronise the host with the GPU four times a step): the varlen flash op's."""
         if (not self._varlen_ok or device.type != "cuda" or len(starts) < 2 or min(lengths) < 1
                 or self._split_beats_varlen(num_kv_heads, lengths)):
             return None
@@ -150,13 +145,12 @@ class SdpaCudnnKernel(AttentionKernel):
         self, q: Tensor, k_arena: Tensor, v_arena: Tensor, starts: Sequence[int], lengths: Sequence[int],
         scale: float | None = None, plan: object | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The whole decode batch in one call: Triton split-KV where it runs, else one varlen flash
-        call (``seqused_k`` marks how much of each region is filled), else one chain per sequence."""
+        """The whole decode batch in one varlen flash call (``seqused_k`` marks how much of each
+        region is filled), else one chain per sequence."""
         if plan is None and q.is_cuda:
             plan = self.varlen_plan(starts, lengths, k_arena.shape[1], q.device)
         if not isinstance(plan, VarlenMeta) or q.dtype not in HALF_DTYPES or not self._varlen_ok:
-            return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale,
-                                         plan if isinstance(plan, SplitPlan) else None)
+            return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
         try:
             return varlen_decode(q, k_arena, v_arena, plan, scale or q.shape[-1] ** -0.5)
         except (RuntimeError, TypeError) as exc:

@@ -145,3 +145,22 @@ def test_cpu_pool_is_bounded_by_free_cores(start_cluster, reference):
     assert cluster.generate(None, GREEDY, prompt_token_ids=ids).token_ids == tuple(reference(ids))
     st = cluster.status()
     assert st.capacity == 1 and st.size == 1 and st.target == 1
+
+
+def test_one_of_two_bases_dies_the_other_keeps_its_pooled_request(start_cluster, reference):
+    cluster = start_cluster(cfg(num_base_actors=2, max_cpu_members=1))  # 2 cores, 2 bases: none by default
+    b0, b1 = cluster.bases
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    ids = ids_of(30, 11)
+    t, out = collect(cluster, GenerateRequest("on-b0", params, None, tuple(ids)), base=b0)
+    wait_for(lambda: ray.get(b0.stats.remote()).pooled == 1, what="the request to be pooled on base 0")
+    epoch = cluster.status().epoch
+    ray.kill(b1)
+    t.join(timeout=300)
+    assert [x for ev in out["events"] for x in ev.token_ids] == reference(ids, params)
+    wait_for(lambda: cluster.bases[1] is not b1 and cluster.supervisor.healthy[1] and cluster.status().epoch > epoch,
+             timeout_s=30, what="base 1 to rejoin in a new epoch")
+    q = ids_of(22, 12)
+    got = cluster.generate(None, GREEDY, prompt_token_ids=q, base=cluster.bases[1])
+    assert got.token_ids == tuple(reference(q))
+    assert ray.get(cluster.bases[1].stats.remote()).pooled_total == 1  # the new base 1 shares the pool

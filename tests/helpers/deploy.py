@@ -4,6 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from serve.metrics import OPERATOR_METRICS
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CRDS = DEPLOY / "kuberay" / "crds"
@@ -22,6 +24,8 @@ CONTRACT_METRICS = {
     "fapool_e2e_request_latency_seconds": "histogram",
     "fapool_request_context_tokens": "histogram",
 }
+# And what an operator needs besides (serve/metrics.py): every name the app exports.
+EXPORTED_METRICS = {**CONTRACT_METRICS, **OPERATOR_METRICS}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 LATENCY_HISTOGRAMS = [n for n, kind in CONTRACT_METRICS.items() if kind == "histogram" and n.endswith("_seconds")]
 

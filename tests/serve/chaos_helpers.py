@@ -39,7 +39,9 @@ class Driver:
                 if a["namespace"] == NAMESPACE and a["name"].startswith("fapool-serve-")]
 
     def controller(self):
-        [name] = [n for n in self.names() if "-base-" not in n]
+        from actors.cluster import running_clusters
+
+        [name] = running_clusters("fapool-serve-")
         return self.ray.get_actor(name, namespace=NAMESPACE)
 
     def base(self, i: int = 0):

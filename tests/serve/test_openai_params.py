@@ -20,9 +20,9 @@ COMPLETION_FIELDS = {
     "seed": (5, "applied"), "stop": (["zz"], "applied"), "stream": (True, "applied"),
     "stream_options": ({"include_usage": True}, "applied"), "temperature": (0.5, "applied"),
     "top_p": (0.5, "applied"), "user": ("u-1", "applied"),
-    "best_of": (2, "refused"), "echo": (True, "refused"), "frequency_penalty": (0.5, "refused"),
-    "logit_bias": ({"5": 10}, "refused"), "logprobs": (2, "refused"), "n": (2, "refused"),
-    "presence_penalty": (0.5, "refused"), "suffix": ("!", "refused"),
+    "best_of": (2, "applied"), "echo": (True, "applied"), "frequency_penalty": (0.5, "applied"),
+    "logit_bias": ({"5": 10}, "applied"), "logprobs": (2, "applied"), "n": (2, "applied"),
+    "presence_penalty": (0.5, "applied"), "suffix": ("!", "refused"),
 }
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 CHAT_FIELDS = {
@@ -35,14 +35,14 @@ CHAT_FIELDS = {
     "metadata": ({"k": "v"}, "applied"), "service_tier": ("auto", "applied"),
     "prompt_cache_key": ("k", "applied"), "safety_identifier": ("s", "applied"),
     "parallel_tool_calls": (False, "applied"),
-    "audio": ({"voice": "alloy", "format": "wav"}, "refused"), "frequency_penalty": (0.5, "refused"),
+    "audio": ({"voice": "alloy", "format": "wav"}, "refused"), "frequency_penalty": (0.5, "applied"),
     "function_call": ("auto", "refused"), "functions": ([{"name": "f"}], "refused"),
-    "logit_bias": ({"5": 10}, "refused"), "logprobs": (True, "refused"),
-    "modalities": (["text", "audio"], "refused"), "n": (2, "refused"),
-    "prediction": ({"type": "content", "content": "x"}, "refused"), "presence_penalty": (0.5, "refused"),
+    "logit_bias": ({"5": 10}, "applied"), "logprobs": (True, "applied"),
+    "modalities": (["text", "audio"], "refused"), "n": (2, "applied"),
+    "prediction": ({"type": "content", "content": "x"}, "refused"), "presence_penalty": (0.5, "applied"),
     "reasoning_effort": ("low", "refused"), "response_format": ({"type": "json_object"}, "refused"),
     "store": (True, "refused"), "tool_choice": ("auto", "refused"),
-    "tools": ([{"type": "function", "function": {"name": "f"}}], "refused"), "top_logprobs": (2, "refused"),
+    "tools": ([{"type": "function", "function": {"name": "f"}}], "refused"), "top_logprobs": (2, "applied"),
     "verbosity": ("low", "refused"), "web_search_options": ({}, "refused"),
 }
 
@@ -71,12 +71,22 @@ def test_every_openai_field_is_applied_or_refused_by_name(url, path, base, field
         body = {**base, field: value}
         if field == "stream_options":
             body["stream"] = True
+        if field == "top_logprobs":  # applied with logprobs: true (alone, a 400 below)
+            body["logprobs"] = True
         r = post(url, path, body)
         if fate == "applied":
             assert r.status_code == 200, (field, r.text[:300])
         else:
             assert r.status_code == 400, (field, r.text[:300])
             assert field in r.json()["error"]["message"] and r.json()["error"]["param"] == field
+    if "top_logprobs" in fields:
+        alone = post(url, path, {**base, "top_logprobs": 2})
+        assert alone.status_code == 400 and alone.json()["error"]["param"] == "top_logprobs"
+    # vLLM's extensions, applied too.
+    for field, value in {"min_tokens": 1, "repetition_penalty": 1.2, "stop_token_ids": [5], "ignore_eos": True,
+                         "top_k": 5}.items():
+        r = post(url, path, {**base, field: value})
+        assert r.status_code == 200, (field, r.text[:300])
     unknown = post(url, path, {**base, "frobnicate": 1})
     assert unknown.status_code == 400 and "frobnicate" in unknown.json()["error"]["message"]
 
