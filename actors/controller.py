@@ -27,6 +27,7 @@ from actors.epochs import Member, form_epoch, push_draining, seqs_per_member
 from actors.messages import BaseReport, PoolStatus, ScaleEvent
 from actors.pool_actor import AttentionPoolActor
 from fapool.policy import MAX_POOL, PolicyConfig, PolicyState, decide
+from fapool.pool_plan import num_active, plan_membership, removable
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
@@ -207,23 +208,19 @@ class PoolController:
             self._told_capacity = capacity
             for b in self._live():
                 b.set_capacity.remote(capacity)
-        active = [m for m in self.members if m not in self.draining]
-        if d.target > len(active):
-            revive = sorted(self.draining)[: d.target - len(active)]
-            if revive:
-                self.draining -= set(revive)
-                await push_draining(self._live(), self.draining)
-            if d.target - len(active) - len(revive) > 0:
-                await self._add(d.target - len(active) - len(revive), d.reason)
-        elif d.target < len(active):
-            counts = await seqs_per_member(self._live())
-            # Drain the members holding the fewest sequences, the newest first on ties.
-            pick = sorted(active, key=lambda m: (counts.get(m, 0), -m))[: len(active) - d.target]
-            self.draining |= set(pick)
+        shrink = d.target < num_active(self.members, self.draining)
+        plan = plan_membership(d.target, self.members, self.draining,
+                               await seqs_per_member(self._live()) if shrink else {})
+        if plan.revive:
+            self.draining -= set(plan.revive)
+            await push_draining(self._live(), self.draining)
+        if plan.add:
+            await self._add(plan.add, d.reason)
+        if plan.drain:
+            self.draining |= set(plan.drain)
             await push_draining(self._live(), self.draining)
         if self.draining:
-            counts = await seqs_per_member(self._live())
-            idle = [m for m in self.draining if counts.get(m, 0) == 0]
+            idle = list(removable(self.draining, await seqs_per_member(self._live())))
             if idle:
                 await self._remove(idle, "drained: " + d.reason)
 
