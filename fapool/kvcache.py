@@ -1,11 +1,11 @@
-"""KV cache: one arena per device, a contiguous region per sequence, reserved up front.
+"""A pool member's KV store: one arena per device, a contiguous region per shard.
 
-A sequence reserves room for its whole life (prompt + max_tokens) when it is admitted, so a
-running batch can never run out of memory halfway: when the cache is full, new requests wait.
-All regions live in one arena tensor (L, 2, rows, Hkv, D), so a decode step can attend over the
-KV of every sequence of the batch in one varlen kernel call (region starts and lengths).
-The same store holds shards: a pool member keeps only some token rows of a sequence, in any order
-(decode attention does not care about row order; RoPE was applied before caching).
+A base places each shard itself, in its own share of a member's arena (`actors/placement.py`);
+a shard is written once at prefill and never grows, so regions suit it. All regions live in one
+arena tensor (L, 2, rows, Hkv, D), so a decode step attends over every shard of the batch in one
+varlen kernel call (region starts and lengths). A shard keeps only some token rows of a sequence,
+in any order (decode attention does not care about row order; RoPE was applied before caching).
+The base's own cache is paged: `fapool/paged_cache.py`.
 """
 from __future__ import annotations
 

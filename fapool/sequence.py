@@ -58,10 +58,6 @@ class Sequence:
             return self.output_ids[start - n : end - n]
         return self.prompt_ids[start:] + self.output_ids[: end - n]
 
-    def pending_ids(self) -> list[int]:
-        """Tokens not yet in the KV cache: the prompt at prefill, the last sampled token at decode."""
-        return (self.prompt_ids + self.output_ids)[self.num_cached :]
-
 
 @dataclass(frozen=True)
 class RequestOutput:
