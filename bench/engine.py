@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench.docs import put_section
 from bench.floors import decode_floor_s
 from bench.probe import probe
 from fapool import EngineConfig, LLMEngine, SamplingParams
@@ -138,15 +139,7 @@ def markdown(path: Path) -> str:
 
 
 def render(result: Path, doc: Path) -> None:
-    text = doc.read_text() if doc.exists() else "# FA Pool benchmarks\n"
-    section = markdown(result)
-    start, end = markers(result)
-    if start in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:  # first: after the title line
-        head, _, rest = text.partition("\n")
-        text = f"{head}\n\n{section}\n{rest}"
-    doc.write_text(text)
+    put_section(doc, *markers(result), markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:

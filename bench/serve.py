@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.docs import put_section
+
 
 @dataclass
 class Stream:
@@ -152,9 +154,12 @@ async def ttft_table(url: str, headers: dict, seed: int, n: int = 2000) -> dict:
             "new_length_ms": [1e3 * x for x in new]}
 
 
+START, END = "<!-- bench.serve start -->", "<!-- bench.serve end -->"
+
+
 def markdown(paths: list[Path]) -> str:
     """docs/benchmarks.md's HTTP section: one row per result file, side by side."""
-    rows = ["<!-- bench.serve start -->", "## HTTP serving (`bench.serve`)", "",
+    rows = [START, "## HTTP serving (`bench.serve`)", "",
             "| result | note | output tok/s | TPOT p50 / p99 ms | TTFT p50 / p99 ms | first after /ready vs repeated ms "
             "| new length ms | stall: max gap ms, long TTFT vs alone |", "|---|---|---|---|---|---|---|---|"]
     for p in paths:
@@ -174,7 +179,7 @@ def markdown(paths: list[Path]) -> str:
              f"{ld['max_tokens']} out, greedy. Stall: 8 streams decoding while a long prompt arrives. The "
              "first-after-/ready figure of these runs includes the benchmark client's own first use "
              "(bench.serve now polls /ready with its client before timing)."]
-    return "\n".join(rows + ["", "<!-- bench.serve end -->"])
+    return "\n".join(rows + ["", END])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = p.parse_args(argv)
     if args.render:
-        text, section = args.doc.read_text(), markdown(args.render)
-        a, b = "<!-- bench.serve start -->", "<!-- bench.serve end -->"
-        if a in text:
-            text = text[: text.index(a)] + section + text[text.index(b) + len(b):]
-        else:
-            head, _, rest = text.partition("\n")
-            text = f"{head}\n\n{section}\n{rest}"
-        args.doc.write_text(text)
+        put_section(args.doc, START, END, markdown(args.render))
         return 0
     VOCAB[0] = args.vocab
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

@@ -2,8 +2,9 @@
 (between its own markers; the other tools' sections stay as they are)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from bench.docs import put_section
 
 START, END = "<!-- bench.elastic start -->", "<!-- bench.elastic end -->"
 
@@ -202,14 +203,7 @@ def section(result: dict) -> str:
 def write_docs(result: dict, root: Path) -> None:
     for name, w in result["workloads"].items():
         plot(name, w, root / "docs" / f"elastic-{name}.png")
-    bench_md = root / "docs" / "benchmarks.md"
-    text = bench_md.read_text()
-    block = section(result)
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    bench_md.write_text(text)
+    put_section(root / "docs" / "benchmarks.md", START, END, section(result), first=False)
 
 
 if __name__ == "__main__":  # python -m bench.elastic.report RESULT.json: re-render the docs
