@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_prefill_tokens=16384, max_model_len=max(longest, 131072 if dev == "cuda" else 4096),
                           kv_capacity_tokens=600_000 if dev == "cuda" else 20_000)
         t0 = time.perf_counter()
-        engine = LLMEngine(ec)
-        engine.warmup()
+        engine = LLMEngine(ec)  # warmed up by its constructor
         print(f"{mode}: engine ready in {time.perf_counter() - t0:.1f}s (kernel {engine.kernel.name})", flush=True)
         for i, (ctx, b) in enumerate(points):
             r = decode_point(engine, ctx, b, args.steps, seed=100 * i)

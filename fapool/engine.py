@@ -70,8 +70,7 @@ class LLMEngine:
         self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
         self.last_launch_s = 0.0  # host seconds the latest step took to enqueue its GPU work
         self.num_prefill_tokens = self.num_decode_tokens = 0  # rows computed, for the metrics
-        if dev.type == "cuda" and config.cuda_graphs:
-            self.warmup()  # before a base actor reports ready: the first request costs what the tenth does
+        self.warmup()  # on CUDA, before a base actor reports ready: the first request costs what the tenth does
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(

@@ -43,24 +43,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _warm_http(host: str, port: int, api_key: str | None) -> None:
-    """One streamed request through Serve's proxy and the ingress, so the first client's request
-    does not pay their first-use costs (measured: 139 ms against 24 ms repeated, on an H200)."""
-    import json
-    import urllib.request
-
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/generate"
-    body = json.dumps({"prompt_token_ids": [1], "max_tokens": 2, "stream": True}).encode()
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
-    for _ in range(2):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as r:
-                r.read()
-        except Exception as e:  # noqa: BLE001 - a warm-up only: serving works without it
-            log.info("HTTP warm-up: %s", e)
-            return
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,7 +80,6 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
         serve.run(build_app(opts.model_dump()), name=APP, route_prefix="/", blocking=False)
-        _warm_http(opts.host, opts.port, opts.resolved_api_key())
         key = " (API key required)" if opts.resolved_api_key() else ""
         print(f"FA Pool serving {opts.model!r} on http://{opts.host}:{opts.port}{key}; Ctrl-C to stop "
               f"(Ray at {ray.get_runtime_context().gcs_address})", flush=True)
