@@ -7,7 +7,8 @@ No Ray: this is the engine that a base actor runs, measured in-process so that e
 the engine's own. Side by side in one process:
 
 - decode TPOT at 16K x 1, 64K x 8, 1K x 64 and 4K x 64 with the whole step in one CUDA graph
-  ("graph") and with the same paged kernel launched eagerly ("eager"), against the floor:
+  ("graph"), the same with each layer's elementwise chains fused by torch.compile ("compiled"),
+  and with the same paged kernel launched eagerly ("eager"), against the floor:
   (weights read by a step + every KV byte) / the measured copy bandwidth;
 - TTFT of a prompt of a length never seen before against the same length repeated;
 - the stall test: streams decoding while a long prompt arrives, the longest gap between two
@@ -119,7 +120,8 @@ def markdown(path: Path) -> str:
              f"- probe: copy {pr['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {pr['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
              f"- command: `{r.get('command', 'python -m bench.engine')}`; date {r.get('date', '?')}; code {r['commit']}",
              "- floor: (weights a step reads + every KV byte) / the measured copy rate. `graph`: the whole decode "
-             "step in one CUDA graph; `eager`: the same paged kernel launched eagerly (side by side, same process).",
+             "step in one CUDA graph; `compiled`: the same with the elementwise chains fused by torch.compile; "
+             "`eager`: the same paged kernel launched eagerly (side by side, same process).",
              "", "| mode | context x batch | TPOT ms | floor ms | x floor | host ms before replay/launch end |",
              "|---|---|---|---|---|---|"]
     for p in r["points"]:
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--modes", default="graph,eager")
+    p.add_argument("--modes", default="graph,compiled,eager", help="graph | compiled (graph + torch.compile) | eager")
     p.add_argument("--no-stall", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--name", default=None)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "python": platform.python_version(), "torch": torch.__version__}
     for k, mode in enumerate(args.modes.split(",")):
-        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode == "graph"), max_num_seqs=64,
+        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode != "eager"),
+                          torch_compile=(mode == "compiled"), max_num_seqs=64,
                           max_prefill_tokens=16384, max_model_len=max(longest, 131072 if dev == "cuda" else 4096),
                           kv_capacity_tokens=600_000 if dev == "cuda" else 20_000)
         t0 = time.perf_counter()

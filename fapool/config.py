@@ -219,6 +219,7 @@ class EngineConfig:
     attention_kernel: str = "auto"  # auto | reference | sdpa | flash4 | flash2
     async_scheduling: bool = True  # launch a captured decode step before reading the previous one's tokens
     cuda_graphs: bool = True  # replay decode steps' non-attention work as CUDA graphs (CUDA only)
+    torch_compile: bool = False  # fuse each layer's elementwise chains with torch.compile (fapool/model/ops.py)
     seed: int = 0  # weights of the random presets
 
     def __post_init__(self) -> None:

@@ -40,7 +40,8 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
     ) -> None:
         self.config = config
-        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.seed)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.seed,
+                                            config.torch_compile)
         cfg, dev = self.loaded.config, self.loaded.device
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer

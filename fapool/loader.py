@@ -8,6 +8,7 @@ import torch
 
 from fapool.config import PRESETS, ModelConfig
 from fapool.model import LlamaForCausalLM
+from fapool.model.ops import EAGER, compiled_ops
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import check_model_dir, load_model_config, load_weights
 
@@ -39,8 +40,10 @@ def resolve_dtype(name: str | None, cfg: ModelConfig, device: torch.device) -> t
     return DTYPES[name]
 
 
-def load_model(source: str, device: str = "auto", dtype: str | None = None, seed: int = 0) -> LoadedModel:
-    """`source` is "tiny", "paper" or a directory with config.json, *.safetensors, tokenizer.json."""
+def load_model(source: str, device: str = "auto", dtype: str | None = None, seed: int = 0,
+               torch_compile: bool = False) -> LoadedModel:
+    """`source` is "tiny", "paper" or a directory with config.json, *.safetensors, tokenizer.json.
+    `torch_compile` fuses the layers' elementwise chains (`fapool.model.ops`)."""
     dev = resolve_device(device)
     if source in PRESETS:
         cfg = PRESETS[source]
@@ -55,7 +58,7 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None, seed
         cfg = load_model_config(path)
     torch_dtype = resolve_dtype(dtype, cfg, dev)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, compiled_ops() if torch_compile else EAGER)
     model = model.to_empty(device=dev).to(torch_dtype)
     model.model.rotary.reset(dev)
     if cfg.tie_word_embeddings:

@@ -13,15 +13,17 @@ from torch import nn
 
 from fapool.config import ModelConfig
 from fapool.model.layers import MLP, RMSNorm, Rotary
+from fapool.model.ops import EAGER, ElementwiseOps
 
 if TYPE_CHECKING:
     from fapool.executor import AttentionExecutor
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: ElementwiseOps = EAGER) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -40,17 +42,17 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = Rotary.apply(q, k, cos, sin)
+        q, k = self.ops.rotary(q, k, cos, sin)
         return q, k, v
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: ElementwiseOps = EAGER) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx, ops)
+        self.mlp = MLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def pre_attention(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -60,8 +62,8 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Everything after attention: the residual stream x and attention output o (N, Hq, D)."""
-        x = x + self.self_attn.o_proj(o.reshape(x.shape[0], -1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn.o_proj(o.reshape(x.shape[0], -1)))
+        return x + self.mlp(h)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionExecutor
@@ -73,19 +75,20 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """Hugging Face's `model.*` submodule: embeddings, layers, final norm."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: ElementwiseOps = EAGER) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ops) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.rotary = Rotary(cfg)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: ElementwiseOps = EAGER) -> None:
+        """`ops`: the elementwise chains, eager or compiled (`fapool.model.ops`)."""
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
