@@ -54,9 +54,12 @@ class StepBuffers:
 
 class PagedDecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, kernel: AttentionKernel,
-                 max_batch: int, capture: bool = True) -> None:
-        """`capture=False` runs the same step eagerly on the same buffers (tests on CPU)."""
+                 max_batch: int, capture: bool = True, fuse: bool = False) -> None:
+        """`capture=False` runs the same step eagerly on the same buffers (tests on CPU). `fuse`
+        compiles the LSE merge of KV splits into one kernel (as `EngineConfig.torch_compile`
+        does the layers' elementwise chains)."""
         self.model, self.cache, self.kernel = model, cache, kernel
+        self.merge = torch.compile(merge_splits, dynamic=True, fullgraph=True) if fuse else merge_splits
         self.device = cache.device
         self.capture = capture
         self.buckets = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= max_batch)]
@@ -126,7 +129,7 @@ class PagedDecodeGraphs:
             else:
                 o, lse = self.kernel.paged_decode(q.repeat_interleave(buf.splits, 0), k_pages, v_pages,
                                                   buf.table, buf.rows)
-                o, _ = merge_splits(o, lse, buf.rows, buf.splits)
+                o, _ = self.merge(o, lse, buf.rows, buf.splits)
             x = layer.post_attention(x, o)
         buf.logits.copy_(self.model.logits(m.norm(x)))
         self.prev[: len(ids)].copy_(buf.logits.argmax(dim=-1))
