@@ -19,13 +19,14 @@ from typing import Any, AsyncIterator
 import ray
 
 from actors.config import ClusterConfig
-from actors.messages import BaseReport, BaseStats, EpochSpec, GenerateRequest, StepRecord, TokenEvent
-from actors.pooled_attention import PooledAttention, PoolFailure
+from actors.messages import BaseReport, BaseStats, GenerateRequest, StepRecord, TokenEvent
 from actors.streams import Streams, drain, event_of
-from actors.transport import LOOPBACK, DataPlane
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.policy import PolicyConfig
+from fapool.pool.membership import EpochSpec
+from fapool.pool.pooled_attention import PooledAttention, PoolFailure
+from fapool.pool.transport import LOOPBACK, DataPlane
 from fapool.sequence import RequestOutput
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ The pool is driven by the service's own code: `fapool.policy.decide` for the tar
 `actors/controller.py` calls). Around them this models what Ray and the GPUs would do: members
 start after the measured cold (or warm-standby) time while the controller's tick waits for them,
 as `PoolController._add` does; bases admit in order (`fapool/scheduler.py`), hold a long prompt up
-to `pool_wait_s` for a growing pool (`actors/pooled_attention.py`), place a prompt over the
+to `pool_wait_s` for a growing pool (`fapool/pool/pooled_attention.py`), place a prompt over the
 threshold on every active member, and step with the cost model's times. Time advances in ticks
 of the controller (`tick_s`); inside a tick a base runs the prefills of the requests admitted
 there at their arrival times, with whole decode steps in the gaps, at the step time of the tick's batch.

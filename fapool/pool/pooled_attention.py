@@ -16,8 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.messages import EpochSpec, MemberInfo
-from actors.protocol import (
+from fapool.attention import AttentionKernel, prefill_block, query_blocks
+from fapool.attention.merge import merge_stacked
+from fapool.batch import StepBatch
+from fapool.config import ModelConfig
+from fapool.executor import AttentionExecutor, LocalAttention
+from fapool.paged_cache import PagedKVCache
+from fapool.policy import PolicyConfig
+from fapool.pool.membership import EpochSpec, MemberInfo
+from fapool.pool.protocol import (
     OP_DECODE,
     OP_FREE,
     OP_PREFILL,
@@ -28,15 +35,8 @@ from actors.protocol import (
     encode_prefill,
     rows_of,
 )
-from actors.placement import ShardPlacement
-from actors.transport import DataPlane
-from fapool.attention import AttentionKernel, prefill_block, query_blocks
-from fapool.attention.merge import merge_stacked
-from fapool.batch import StepBatch
-from fapool.config import ModelConfig
-from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.paged_cache import PagedKVCache
-from fapool.policy import PolicyConfig
+from fapool.pool.placement import ShardPlacement
+from fapool.pool.transport import DataPlane
 from fapool.profiling import PhaseTimer
 
 
