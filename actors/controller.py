@@ -27,7 +27,7 @@ from actors.epochs import Member, form_epoch, push_draining, seqs_per_member
 from actors.messages import BaseReport, PoolStatus, ScaleEvent
 from actors.pool_actor import AttentionPoolActor
 from fapool.policy import MAX_POOL, PolicyConfig, PolicyState, decide
-from fapool.pool_plan import num_active, plan_membership, removable
+from fapool.pool_plan import RemovalCause, num_active, plan_membership, removable
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
@@ -222,7 +222,7 @@ class PoolController:
         if self.draining:
             idle = list(removable(self.draining, await seqs_per_member(self._live())))
             if idle:
-                await self._remove(idle, "drained: " + d.reason)
+                await self._remove(idle, RemovalCause.DRAINED, "drained: " + d.reason)
 
     # ---- membership changes ---------------------------------------------------------------
     async def _add(self, n: int, reason: str) -> None:
@@ -273,11 +273,11 @@ class PoolController:
 
             asyncio.get_running_loop().create_task(fill())
 
-    async def _remove(self, ids: list[int], reason: str) -> None:
+    async def _remove(self, ids: list[int], cause: RemovalCause, reason: str) -> None:
         gone = [self.members[m] for m in ids]
         await self._change_membership({k: v for k, v in self.members.items() if k not in ids}, "down", reason)
         for m in gone:
-            if len(self.standby) < self.cfg.standby_members and "died" not in reason:
+            if len(self.standby) < self.cfg.standby_members and cause.may_stay_warm:
                 self.standby[m.info.member_id] = m  # drained, healthy: keep it warm
             else:
                 ray.kill(m.handle)
@@ -301,7 +301,7 @@ class PoolController:
             except Exception:  # noqa: BLE001 - RayActorError or timeout: the member is gone
                 dead.append(mid)
         if dead:
-            await self._remove(dead, f"member(s) {dead} died")
+            await self._remove(dead, RemovalCause.DIED, f"member(s) {dead} died")
         elif any(r.pool_failed for r in self.reports.values()):
             await self._form_epoch(self.members, self.draining)  # a transient error: re-form the group
 

@@ -212,7 +212,7 @@ def _admit(b: Base, b_id: int, now: float, t1: float, setup: Setup, costs: StepC
         s = b.waiting[0]
         n = s.req.prompt
         if elastic:
-            wanted = min(setup.policy.curve.size_for(n), setup.policy.max_pool, capacity)
+            wanted = policy_mod.pool_size(n, capacity, setup.policy)
             if wanted > len(active) and max(now, s.req.arrival_s) - s.req.arrival_s < setup.pool_wait_s:
                 return  # the pool is growing for it: wait
         members: tuple[int, ...] = ()

@@ -22,7 +22,7 @@ from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.paged_cache import PagedKVCache
-from fapool.policy import PolicyConfig
+from fapool.policy import PolicyConfig, pool_size
 from fapool.pool.membership import EpochSpec, MemberInfo
 from fapool.pool.protocol import (
     OP_DECODE,
@@ -151,8 +151,7 @@ class PooledAttention(AttentionExecutor):
         return members, rows
 
     def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        wanted = min(self.policy.curve.size_for(num_prompt), self.policy.max_pool, self.capacity_hint)
-        if wanted > len(self.active_members()):
+        if pool_size(num_prompt, self.capacity_hint, self.policy) > len(self.active_members()):
             # The pool is growing for this prompt: wait for it a while rather than run it on fewer.
             since = self._deferred_since.setdefault(seq_id, time.monotonic())
             if time.monotonic() - since < self.pool_wait_s:
