@@ -13,42 +13,31 @@ import itertools
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from fapool.attention import AttentionKernel, prefill_block, query_blocks
-from fapool.attention.merge import merge_stacked
+from fapool.attention import AttentionKernel, query_blocks
 from fapool.batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.paged_cache import PagedKVCache
 from fapool.policy import PolicyConfig, pool_size
 from fapool.pool.membership import EpochSpec, MemberInfo
-from fapool.pool.protocol import (
-    OP_DECODE,
-    OP_FREE,
-    OP_PREFILL,
-    OP_STOP,
-    TAG_OUT,
-    PartLayout,
-    PrefillItem,
-    encode_prefill,
-    rows_of,
-)
 from fapool.pool.placement import ShardPlacement
-from fapool.pool.transport import DataPlane
+from fapool.pool.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, encode_prefill, rows_of
+from fapool.pool.step import PooledSeq, PooledStep, decode_layer, plan_step, prefill_layer
+from fapool.pool.transport import DataPlane, PoolFailure, guard
 from fapool.profiling import PhaseTimer
 
 
-class PoolFailure(RuntimeError):
-    """The data plane broke mid-step (a member died or timed out)."""
+@dataclass(frozen=True)
+class PoolStats:
+    """The executor's view of the pool, for the base's stats and reports."""
 
-
-@dataclass
-class PooledSeq:
-    handle: int
-    member_ids: tuple[int, ...]  # holders of parts 1..; part 0 is the base
-    starts: dict[int, int]  # member id -> first arena row of its shard there
+    epoch: int
+    pooled: int  # running sequences whose KV is spread over the pool
+    pooled_total: int  # sequences ever admitted to the pool
+    step_pooled: int  # pooled sequences in the latest step
+    members_kv: tuple[tuple[int, int, int], ...]  # (member id, rows held there, this base's share)
 
 
 class PooledAttention(AttentionExecutor):
@@ -67,52 +56,66 @@ class PooledAttention(AttentionExecutor):
         self.timer = PhaseTimer(cache.device, profile)
         self.local = LocalAttention(cache, kernel, self.timer)
         self.cache, self.kernel = cache, kernel
-        self.policy = policy
+        self._policy = policy
         self.placement = ShardPlacement(base_id, num_bases)  # members' arenas shared evenly between bases
         self.pool_wait_s = pool_wait_s
         self.plane: DataPlane | None = None
-        self.spec = EpochSpec(0, ())
-        self.capacity_hint = policy.max_pool  # members the cluster can give, from the controller
+        self._spec = EpochSpec(0, ())
+        self._capacity = policy.max_pool  # members the cluster can give, from the controller
         self.pooled: dict[str, PooledSeq] = {}
-        self.pooled_total = 0
-        self.orphans: list[int] = []  # handles whose shards may survive on members: freed next epoch
+        self._pooled_total = 0
+        self._orphans: list[int] = []  # handles whose shards may survive on members: freed next epoch
         self._broken: str | None = None
-        self.step_pooled = 0  # pooled sequences in the latest step
+        self._step: PooledStep | None = None
+        self._step_pooled = 0
         self._handles = itertools.count(1)
         self._deferred_since: dict[str, float] = {}
-        self._batch: StepBatch | None = None
-        self._offsets: list[int] = []
 
     @property
     def threshold(self) -> int:
         """The shortest prompt that goes to the pool."""
-        return self.policy.curve.threshold
+        return self._policy.curve.threshold
+
+    @property
+    def epoch(self) -> int:
+        return self._spec.epoch
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self._spec.epoch, len(self.pooled), self._pooled_total, self._step_pooled,
+                         self.placement.usage())
+
+    # ---- control (from the base's engine thread, between steps) ----------------------------
+    def set_policy(self, policy: PolicyConfig) -> None:
+        self._policy = policy
+
+    def set_capacity(self, capacity: int) -> None:
+        """How many members the cluster can give: a long prompt waits only for a pool that can come."""
+        self._capacity = capacity
+
+    def set_draining(self, member_ids: frozenset[int]) -> dict[int, int]:
+        """Place nothing new on these members; returns live pooled sequences per member."""
+        self._spec = EpochSpec(self._spec.epoch, self._spec.members, frozenset(member_ids))
+        return self.seqs_per_member()
 
     # ---- membership ------------------------------------------------------------------------
-    def active_members(self) -> list[MemberInfo]:
-        return [m for m in self.spec.members if m.member_id not in self.spec.draining]
-
-    def rank_of(self, member_id: int) -> int:
-        return 1 + [m.member_id for m in self.spec.members].index(member_id)
-
     def switch_epoch(self, spec: EpochSpec, plane: DataPlane | None) -> list[str]:
         """Retire the old group and adopt a new one. Returns pooled sequences that lost a holder."""
         self.retire_plane()
-        self.spec, self.plane = spec, plane
+        self._spec, self.plane = spec, plane
         alive = {m.member_id for m in spec.members}
         if plane is not None:
-            if self.orphans:
+            if self._orphans:
                 # Shards of requests recomputed after a failure may survive on healthy members.
-                plane.send_header(OP_FREE, torch.tensor(self.orphans, dtype=torch.int64))
-                self.placement.release(self.orphans)
-                self.orphans = []
+                plane.send_header(OP_FREE, torch.tensor(self._orphans, dtype=torch.int64))
+                self.placement.release(self._orphans)
+                self._orphans = []
             self.placement.keep_only(alive)
         return [sid for sid, p in self.pooled.items() if not set(p.member_ids) <= alive]
 
     def abandon(self) -> list[str]:
         """The group broke: drop it. Returns the pooled sequences, to be prefilled again; freeing
         them (with no group) turns their shards into orphans, freed through the next group."""
-        self.switch_epoch(EpochSpec(self.spec.epoch, ()), None)
+        self.switch_epoch(EpochSpec(self._spec.epoch, ()), None)
         return list(self.pooled)
 
     def retire_plane(self) -> None:
@@ -125,7 +128,7 @@ class PooledAttention(AttentionExecutor):
             self.plane = None
 
     def seqs_per_member(self) -> dict[int, int]:
-        counts = {m.member_id: 0 for m in self.spec.members}
+        counts = {m.member_id: 0 for m in self._spec.members}
         for p in self.pooled.values():
             for mid in p.member_ids:
                 counts[mid] = counts.get(mid, 0) + 1
@@ -133,13 +136,13 @@ class PooledAttention(AttentionExecutor):
 
     # ---- capacity --------------------------------------------------------------------------
     def max_seq_tokens(self) -> int:
-        pooled = sum(self.placement.quota(m) for m in self.active_members())
+        pooled = sum(self.placement.quota(m) for m in self._spec.active())
         return max(self.local.max_seq_tokens(), self.cache.capacity_tokens + pooled) if pooled \
             else self.local.max_seq_tokens()
 
     def _plan(self, num_prompt: int, num_tokens: int) -> tuple[list[MemberInfo], list[int]] | None:
         """Members for parts 1.. and the rows of every part, if they all fit now."""
-        members = self.active_members()
+        members = self._spec.active()
         if num_prompt < self.threshold or not members or self.plane is None:
             return None
         blocks = query_blocks(num_prompt, 1 + len(members))
@@ -151,7 +154,7 @@ class PooledAttention(AttentionExecutor):
         return members, rows
 
     def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        if pool_size(num_prompt, self.capacity_hint, self.policy) > len(self.active_members()):
+        if pool_size(num_prompt, self._capacity, self._policy) > len(self._spec.active()):
             # The pool is growing for this prompt: wait for it a while rather than run it on fewer.
             since = self._deferred_since.setdefault(seq_id, time.monotonic())
             if time.monotonic() - since < self.pool_wait_s:
@@ -169,7 +172,7 @@ class PooledAttention(AttentionExecutor):
         handle = next(self._handles)
         starts = self.placement.place(handle, members, rows[1:])
         self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
-        self.pooled_total += 1
+        self._pooled_total += 1
 
     def grow(self, seq_id: str, num_new: int) -> bool:
         return self.local.grow(seq_id, num_new)
@@ -190,12 +193,12 @@ class PooledAttention(AttentionExecutor):
         if p is None:
             return
         if self.plane is None:
-            self.orphans.append(p.handle)  # its rows stay placed until the members hear of it
+            self._orphans.append(p.handle)  # its rows stay placed until the members hear of it
             return
         try:
             self.plane.send_header(OP_FREE, torch.tensor([p.handle], dtype=torch.int64))
         except Exception as e:  # noqa: BLE001 - raise at the next step, not amid this step's outputs
-            self.orphans.append(p.handle)
+            self._orphans.append(p.handle)
             self._broken = f"freeing a shard failed: {e}"
             return
         self.placement.release([p.handle])
@@ -205,150 +208,44 @@ class PooledAttention(AttentionExecutor):
         if self._broken:
             reason, self._broken = self._broken, None
             raise PoolFailure(reason)
-        self._batch = batch
-        self._offsets = batch.offsets()
-        self._pooled_idx = [i for i, s in enumerate(batch.slices) if s.seq_id in self.pooled]
-        self.step_pooled = len(self._pooled_idx)
-        self._local_idx = [i for i, s in enumerate(batch.slices) if s.seq_id not in self.pooled]
-        dev = self.cache.device
-        local = [batch.slices[i] for i in self._local_idx]
-        self._local_plan = self.local.rows_plan([s.seq_id for s in local], [s.start for s in local],
-                                                [s.end for s in local]) if local else None
-        # The flat token rows of the local sequences (one a sequence at decode).
-        offs = self._offsets
-        self._local_rows = torch.tensor([t for i in self._local_idx for t in range(offs[i], offs[i + 1])],
-                                        dtype=torch.long).to(dev)
-        if batch.kind == "decode":
-            ids = [batch.slices[i].seq_id for i in self._pooled_idx]
-            lens = [self.cache.get(sid).length for sid in ids]
-            # A pooled sequence's base rows hold its prefill part, then every generated token.
-            self._pool_plan = self.local.rows_plan(ids, lens, [n + 1 for n in lens]) if ids else None
-            self._pool_rows = torch.tensor(self._pooled_idx, device=dev)
-            if self._pooled_idx and self.plane is not None:
-                # The exchange buffers of every layer (each layer's gather has finished on the
-                # stream before the next layer writes them again).
-                cfg = self.cfg
-                self._layout = PartLayout(len(self._pooled_idx), cfg.num_attention_heads, cfg.head_dim,
-                                          self.cache.dtype)
-                self._mine = self._layout.empty(1, dev)
-                self._parts = self._layout.empty(self.plane.world_size, dev)
-        if not self._pooled_idx:
+        step = self._step = plan_step(batch, self.pooled, self._spec, self.local, self.cfg, self.plane)
+        self._step_pooled = len(step.pooled_idx)
+        if not step.pooled_idx:
             return
-        assert self.plane is not None, "pooled sequences without a data plane"
-        seqs = [self.pooled[batch.slices[i].seq_id] for i in self._pooled_idx]
-        if batch.kind == "prefill":
-            items = [
-                PrefillItem(p.handle, batch.slices[i].num_tokens, (0, *map(self.rank_of, p.member_ids)),
-                            (0, *(p.starts[mid] for mid in p.member_ids)))
-                for i, p in zip(self._pooled_idx, seqs)
-            ]
-            self._items = items
-            # Where the base's own rows of each pooled prompt go: its blocks, in order.
-            toks = [self._offsets[i] + t for i, it in zip(self._pooled_idx, items)
-                    for s, e in it.ranges_of(0) for t in range(s, e)]
-            slots = [self.cache.slots(p.seq_id, 0, rows_of([it], 0)) for p, it in
-                     zip((batch.slices[i] for i in self._pooled_idx), items)]
-            self._base_tok = torch.tensor(toks, dtype=torch.long).to(dev)
-            self._base_slots = torch.from_numpy(np.concatenate(slots)).to(dev)
-            body = [*encode_prefill(items)]
-            op = OP_PREFILL
+        plane = self.plane
+        if step.prefill is not None:
+            op, body = OP_PREFILL, encode_prefill(list(step.prefill.items))
         else:
-            body = [p.handle for p in seqs]
-            op = OP_DECODE
-        self._guard(lambda: self.plane.send_header(op, torch.tensor(body, dtype=torch.int64)))
+            op, body = OP_DECODE, [self.pooled[batch.slices[i].seq_id].handle for i in step.pooled_idx]
+        guard(lambda: plane.send_header(op, torch.tensor(body, dtype=torch.int64)))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        assert self._batch is not None
+        step = self._step
+        assert step is not None, "attend() outside begin_step/end_step"
         out = torch.empty_like(q)
-        pending = self._exchange(layer, q, k, v, out) if self._pooled_idx else None
+        pending = None
+        if step.prefill is not None:
+            pending = prefill_layer(step, self.plane, self.kernel, self.local, self.timer, layer, q, k, v, out)
+        elif step.decode is not None:
+            pending = decode_layer(step, self.plane, self.local, self.timer, layer, q, k, v, out)
         # Local sequences overlap with the members' work.
         with self.timer.phase("attention"):
-            if self._local_plan is not None:
-                rows = self._local_rows
-                out[rows] = self.local.attend_rows(layer, self._local_plan, q[rows], k[rows], v[rows])[0]
+            if step.local_plan is not None:
+                rows = step.local_rows
+                out[rows] = self.local.attend_rows(layer, step.local_plan, q[rows], k[rows], v[rows])[0]
         if pending is not None:
-            self._guard(pending)
+            guard(pending)
         return out
 
-    def _exchange(self, layer: int, q, k, v, out: torch.Tensor):
-        """Send this layer's pooled work, compute the base's part; returns the finishing step."""
-        if self._batch.kind == "prefill":
-            return self._prefill_layer(layer, q, k, v, out)
-        return self._decode_layer(layer, q, k, v, out)
-
-    def _prefill_layer(self, layer: int, q, k, v, out: torch.Tensor):
-        slices, offs, plane = self._batch.slices, self._offsets, self.plane
-        hq, d = self.cfg.num_attention_heads, self.cfg.head_dim
-        qkv = torch.cat(
-            [torch.cat([q[offs[i] : offs[i + 1]], k[offs[i] : offs[i + 1]], v[offs[i] : offs[i + 1]]], dim=1)
-             for i in self._pooled_idx]
-        )  # (T, Hq + 2 Hkv, D)
-        sent = self._guard(lambda: plane.broadcast(qkv, wait=False))  # the base's blocks overlap it
-        recvs = []
-        for rank in range(1, plane.world_size):
-            rows = rows_of(self._items, rank)
-            if rows:
-                buf = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
-                recvs.append((rank, buf, self._guard(lambda r=rank, b=buf: plane.irecv(b, r, TAG_OUT))))
-        with self.timer.phase("attention"):
-            for i, it in zip(self._pooled_idx, self._items):
-                lo = offs[i]
-                for s, e in it.ranges_of(0):
-                    o, _lse = prefill_block(self.kernel, q[lo + s : lo + e], k[lo : lo + e], v[lo : lo + e])
-                    out[lo + s : lo + e] = o
-            self.cache.write(layer, self._base_slots, k[self._base_tok], v[self._base_tok])
-
-        def finish() -> None:
-            with self.timer.phase("pool_wait"):
-                sent.wait()
-                for _rank, _buf, work in recvs:
-                    work.wait()
-            for rank, buf, work in recvs:
-                row = 0
-                for i, it in zip(self._pooled_idx, self._items):
-                    for s, e in it.ranges_of(rank):
-                        out[offs[i] + s : offs[i] + e] = buf[row : row + e - s]
-                        row += e - s
-
-        return finish
-
-    def _decode_layer(self, layer: int, q, k, v, out: torch.Tensor):
-        plane, idx = self.plane, self._pool_rows  # one token per sequence at decode
-        qp = q[idx]  # (M, Hq, D), contiguous
-        # The base's own part does not wait for the broadcast to leave: it overlaps the transfer.
-        sent = self._guard(lambda: plane.broadcast(qp, wait=False))
-        layout, mine, parts = self._layout, self._mine, self._parts
-        with self.timer.phase("attention"):
-            base_o, base_lse = self.local.attend_rows(layer, self._pool_plan, qp, k[idx], v[idx])
-            o_view, lse_view = layout.views(mine)
-            o_view[0].copy_(base_o)
-            lse_view[0].copy_(base_lse)
-
-        def finish() -> None:
-            with self.timer.phase("pool_wait"):
-                plane.gather(parts, mine)
-                sent.wait()
-            with self.timer.phase("merge"):
-                out[idx] = merge_stacked(*layout.views(parts))[0]
-
-        return finish
-
     def end_step(self) -> None:
-        assert self._batch is not None
-        for i, s in enumerate(self._batch.slices):
+        step = self._step
+        assert step is not None
+        for i, s in enumerate(step.batch.slices):
             slab = self.cache.get(s.seq_id)
             if s.seq_id not in self.pooled:
                 slab.length = s.end
-            elif self._batch.kind == "prefill":
-                slab.length = rows_of([self._items[self._pooled_idx.index(i)]], 0)
+            elif step.prefill is not None:
+                slab.length = rows_of([step.prefill.items[step.pooled_idx.index(i)]], 0)
             else:
                 slab.length += 1
-        self._batch = None
-
-    def _guard(self, fn):
-        try:
-            return fn()
-        except PoolFailure:
-            raise
-        except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
-            raise PoolFailure(f"data plane failed: {e}") from e
+        self._step = None
