@@ -1,8 +1,9 @@
 """A base's engine thread: commands from the Ray calls run between two steps, then one step.
 
-The Ray calls (on the actor's asyncio loop) never touch the engine or its executor: they queue a
-command, a closure over the executor's or this thread's methods (`post` when no answer is wanted,
-`ask` for one), and the thread runs it before its next step. So a command never lands amid a step.
+The Ray calls (on the actor's asyncio loop) change nothing of the engine or its executor
+themselves: they queue a command, a closure over the executor's or this thread's methods (`post`
+when no answer is wanted, `ask` for one), and the thread runs it before its next step. So a
+command never lands amid a step.
 """
 from __future__ import annotations
 
