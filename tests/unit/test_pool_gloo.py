@@ -32,7 +32,8 @@ class GlooPool:
 
         def factory(loaded, cache):
             kernel = select_kernel(loaded.device, ENGINE.attention_kernel, dtype=loaded.dtype)
-            made.append(PooledAttention(loaded.config, cache, kernel, POLICY))
+            # pool_wait_s=0: a prompt that finds no pool runs locally at once (it waits 30 s by default).
+            made.append(PooledAttention(loaded.config, cache, kernel, POLICY, pool_wait_s=0.0))
             return made[0]
 
         self.engine = LLMEngine(ENGINE, executor_factory=factory)
@@ -113,3 +114,17 @@ def test_members_hold_their_zigzag_blocks_until_freed(pool):
     assert [used for _mid, used, _share in pool.executor.stats().members_kv] == [20, 20]
     pool.engine.abort(rid)
     assert [used for _mid, used, _share in pool.executor.stats().members_kv] == [0, 0]
+
+
+def test_a_lost_group_recomputes_pooled_requests_locally(pool, alone):
+    p = prompt(50, 3)
+    [want] = alone.generate([p], GREEDY)
+    pool.engine.add_request(None, GREEDY, prompt_token_ids=p)
+    got = [t for _ in range(4) for out in pool.engine.step() for t in out.new_token_ids]
+    assert pool.executor.stats().pooled == 1
+    # What a base does when a member dies mid-step: drop the group, prefill pooled requests again.
+    pool.engine.recompute(pool.executor.abandon())
+    while pool.engine.has_unfinished():
+        got += [t for out in pool.engine.step() for t in out.new_token_ids]
+    assert got == list(want.token_ids)
+    assert pool.executor.stats().pooled == 0 and pool.executor.stats().epoch == 1
