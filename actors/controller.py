@@ -6,8 +6,8 @@ start, and again after the controller restarts) and tells of a base that came ba
 `base_replaced`; the controller then re-learns the bases' contexts and forms a new epoch.
 
 Each tick it applies the pure policy (`fapool.policy.decide`) to the contexts the bases report,
-then reconciles: new members are created, started and joined to a new data-plane epoch before any
-base places work on them; surplus members are first marked draining (bases place nothing new on
+then reconciles through `PoolMembers` (`actors/members.py`): new members are created, started
+and joined to a new data-plane epoch before any base places work on them; surplus members are first marked draining (bases place nothing new on
 them) and removed only once no live sequence holds KV there, so a scale-down never loses a request.
 """
 from __future__ import annotations
@@ -16,18 +16,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 import ray
 
-from actors.capacity import on_cuda, pool_capacity, request_gpus
+from actors.capacity import pool_capacity, request_gpus
 from actors.config import ClusterConfig
 from actors.epochs import Member, form_epoch, push_draining, seqs_per_member
-from actors.messages import BaseReport, PoolStatus, ScaleEvent
-from actors.pool_actor import AttentionPoolActor
-from fapool.policy import MAX_POOL, PolicyConfig, PolicyState, decide
-from fapool.pool_plan import num_active, plan_membership, removable
+from actors.members import PoolMembers
+from actors.messages import BaseReport, PoolStatus
+from fapool.policy import PolicyConfig, PolicyState, decide
+from fapool.pool_plan import RemovalCause, num_active, plan_membership, removable
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
@@ -40,17 +39,11 @@ class PoolController:
         self.bases: list[Any] = []
         self.down: set[int] = set()  # bases the supervisor saw die and not yet back: left out
         self.base_info: list[dict[str, Any]] = []
-        self.members: dict[int, Member] = {}
-        self.standby: dict[int, Member] = {}  # started, idle, in no epoch
-        self._standby_starting = 0
-        self.draining: set[int] = set()
+        self.pool = PoolMembers(cfg, self._form_epoch)
         self.epoch = 0
         self.state = PolicyState()
         self.reports: dict[int, BaseReport] = {}
-        self.events: deque[ScaleEvent] = deque(maxlen=cfg.max_events)
-        self.scale_counts = {"up": 0, "down": 0}
         self.drain_deadline_s: float | None = None  # wall clock: the ingress is shutting down
-        self._next_id = 1
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one membership change at a time (ticks, rejoins)
         self._suspect = False
@@ -80,7 +73,7 @@ class PoolController:
                 await self._form_epoch({}, set())
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
-            self._refill_standby()
+            self.pool.refill_standby(self.base_info[0])
         self._wake.set()
         return self.base_info
 
@@ -100,7 +93,7 @@ class PoolController:
             self.base_info[base_id] = await base.ready.remote()
             await base.set_controller.remote(ray.get_runtime_context().current_actor)
             await self._tell_capacity([base])  # a new base assumes max_pool until told
-            await self._form_epoch(self.members, self.draining)
+            await self._form_epoch(self.pool.members, self.pool.draining)
         self._wake.set()
 
     async def base_down(self, base_id: int) -> None:
@@ -125,10 +118,7 @@ class PoolController:
         """Stop the policy loop and the pool members (the supervisor stops the bases)."""
         if self._task is not None:
             self._task.cancel()
-        for m in (*self.members.values(), *self.standby.values()):
-            ray.kill(m.handle)
-        self.members.clear()
-        self.standby.clear()
+        self.pool.kill_all()
 
     # ---- inputs and outputs ---------------------------------------------------------------
     async def report(self, r: BaseReport) -> None:
@@ -139,12 +129,13 @@ class PoolController:
 
     async def status(self) -> PoolStatus:
         contexts = tuple(c for r in self.reports.values() for c in r.contexts)
+        pool = self.pool
         return PoolStatus(
-            size=len(self.members), target=self.state.target, epoch=self.epoch,
-            members=tuple(sorted(self.members)), draining=tuple(sorted(self.draining)),
-            standby=len(self.standby),
+            size=len(pool.members), target=self.state.target, epoch=self.epoch,
+            members=tuple(sorted(pool.members)), draining=tuple(sorted(pool.draining)),
+            standby=len(pool.standby),
             capacity=self._capacity(), longest_context=max(contexts, default=0), contexts=contexts,
-            events=tuple(self.events),
+            events=tuple(pool.events),
         )
 
     async def reconfigure(self, policy: PolicyConfig, standby_members: int | None = None) -> None:
@@ -153,16 +144,18 @@ class PoolController:
         if standby_members is not None:
             changes["standby_members"] = standby_members
         self.cfg = self.cfg.replace(**changes)
+        self.pool.reconfigure(self.cfg)
         await asyncio.gather(*(b.set_policy.remote(policy) for b in self._live()))
         await self._tell_capacity(self._live())  # before any request meets the new policy
-        self._refill_standby()
+        if self.base_info:
+            self.pool.refill_standby(self.base_info[0])
         self._wake.set()
 
     def _live(self) -> list[Any]:
         return [b for i, b in enumerate(self.bases) if i not in self.down]
 
     def _capacity(self) -> int:
-        return pool_capacity(self.cfg, len(self.members) + len(self.standby))
+        return pool_capacity(self.cfg, len(self.pool.members) + len(self.pool.standby))
 
     async def _tell_capacity(self, bases: list[Any]) -> None:
         """How many members the cluster can give: a long prompt waits only for a pool that can come."""
@@ -170,10 +163,10 @@ class PoolController:
         await asyncio.gather(*(b.set_capacity.remote(self._told_capacity) for b in bases))
 
     async def member_handle(self, member_id: int) -> Any:
-        return self.members[member_id].handle
+        return self.pool.handle(member_id)
 
     async def scale_counts_total(self) -> dict[str, int]:
-        return dict(self.scale_counts)
+        return dict(self.pool.scale_counts)
 
     # ---- the loop -------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -194,7 +187,8 @@ class PoolController:
 
     async def _reconcile_locked(self) -> None:
         now = time.monotonic()
-        if self._suspect or (self.members and now - self._last_health_s > HEALTH_EVERY_S):
+        pool = self.pool
+        if self._suspect or (pool.members and now - self._last_health_s > HEALTH_EVERY_S):
             self._last_health_s = now
             await self._heal()
         contexts = [c for r in self.reports.values() for c in r.contexts]
@@ -208,102 +202,31 @@ class PoolController:
             self._told_capacity = capacity
             for b in self._live():
                 b.set_capacity.remote(capacity)
-        shrink = d.target < num_active(self.members, self.draining)
-        plan = plan_membership(d.target, self.members, self.draining,
+        shrink = d.target < num_active(pool.members, pool.draining)
+        plan = plan_membership(d.target, pool.members, pool.draining,
                                await seqs_per_member(self._live()) if shrink else {})
         if plan.revive:
-            self.draining -= set(plan.revive)
-            await push_draining(self._live(), self.draining)
+            pool.revive(plan.revive)
+            await push_draining(self._live(), pool.draining)
         if plan.add:
-            await self._add(plan.add, d.reason)
+            await pool.add(plan.add, d.reason, self.base_info[0])
         if plan.drain:
-            self.draining |= set(plan.drain)
-            await push_draining(self._live(), self.draining)
-        if self.draining:
-            idle = list(removable(self.draining, await seqs_per_member(self._live())))
+            pool.drain(plan.drain)
+            await push_draining(self._live(), pool.draining)
+        if pool.draining:
+            idle = list(removable(pool.draining, await seqs_per_member(self._live())))
             if idle:
-                await self._remove(idle, "drained: " + d.reason)
+                await pool.remove(idle, RemovalCause.DRAINED, "drained: " + d.reason)
 
     # ---- membership changes ---------------------------------------------------------------
-    async def _add(self, n: int, reason: str) -> None:
-        # Warm standby members first: they only need to join the new epoch.
-        take = [self.standby.pop(mid) for mid in sorted(self.standby)[:n]]
-        grown = dict(self.members)
-        grown.update({m.info.member_id: m for m in take})
-        grown.update(await self._start_members(n - len(take)))
-        if len(grown) > len(self.members):
-            await self._change_membership(grown, "up", reason)
-        self._refill_standby()
-
-    async def _start_members(self, n: int) -> dict[int, Member]:
-        """Start `n` pool actors; those that fail to start are dropped (and logged)."""
-        if n <= 0:
-            return {}
-        info = self.base_info[0]
-        opts = self.cfg.actor_options(on_cuda(self.cfg))
-        # Members live and die with this controller (max_restarts=0): a lost member costs its
-        # bases a recompute, and the policy starts a new one.
-        cls = ray.remote(AttentionPoolActor).options(**opts, max_concurrency=8, max_restarts=0)
-        new = {}
-        for _ in range(n):
-            mid, self._next_id = self._next_id, self._next_id + 1
-            new[mid] = cls.remote(mid, info["model_config"], info["dtype"], info["device_type"],
-                                  self.cfg.member_kv_capacity_tokens, self.cfg.engine.attention_kernel,
-                                  self.cfg.data_plane_timeout_s, self.cfg.profile)
-        results = await asyncio.gather(*(h.info.remote() for h in new.values()), return_exceptions=True)
-        started = {}
-        for (mid, h), res in zip(new.items(), results):
-            if isinstance(res, Exception):
-                log.warning("pool member %d failed to start: %s", mid, res)
-                ray.kill(h)
-            else:
-                started[mid] = Member(h, res)
-        return started
-
-    def _refill_standby(self) -> None:
-        missing = self.cfg.standby_members - len(self.standby) - self._standby_starting
-        if missing > 0 and len(self.members) + len(self.standby) + missing <= MAX_POOL:
-            self._standby_starting += missing
-
-            async def fill() -> None:
-                try:
-                    self.standby.update(await self._start_members(missing))
-                finally:
-                    self._standby_starting -= missing
-
-            asyncio.get_running_loop().create_task(fill())
-
-    async def _remove(self, ids: list[int], reason: str) -> None:
-        gone = [self.members[m] for m in ids]
-        await self._change_membership({k: v for k, v in self.members.items() if k not in ids}, "down", reason)
-        for m in gone:
-            if len(self.standby) < self.cfg.standby_members and "died" not in reason:
-                self.standby[m.info.member_id] = m  # drained, healthy: keep it warm
-            else:
-                ray.kill(m.handle)
-
-    async def _change_membership(self, members: dict[int, Member], direction: str, reason: str) -> None:
-        """Form the new epoch first; only then does the new size show (status, events, metrics)."""
-        draining = self.draining & set(members)
-        await self._form_epoch(members, draining)
-        before = len(self.members)
-        self.members, self.draining = members, draining
-        self._event(before, len(members), direction, reason)
-
     async def _heal(self) -> None:
         """Drop members that no longer answer; the policy replaces them on this tick."""
         self._suspect = False
-        pings = {mid: m.handle.ping.remote() for mid, m in self.members.items()}
-        dead = []
-        for mid, ref in pings.items():
-            try:
-                await asyncio.wait_for(ref, timeout=10.0)
-            except Exception:  # noqa: BLE001 - RayActorError or timeout: the member is gone
-                dead.append(mid)
+        dead = await self.pool.dead()
         if dead:
-            await self._remove(dead, f"member(s) {dead} died")
+            await self.pool.remove(dead, RemovalCause.DIED, f"member(s) {dead} died")
         elif any(r.pool_failed for r in self.reports.values()):
-            await self._form_epoch(self.members, self.draining)  # a transient error: re-form the group
+            await self._form_epoch(self.pool.members, self.pool.draining)  # a transient error: re-form the group
 
     async def _form_epoch(self, members: dict[int, Member], draining: set[int]) -> None:
         self.epoch += 1
@@ -311,9 +234,3 @@ class PoolController:
         await form_epoch(live, self.epoch, members, draining)
         self.reports = {k: BaseReport(r.base_id, self.epoch, r.contexts, r.seqs_per_member, False)
                         for k, r in self.reports.items()}
-
-    def _event(self, before: int, after: int, direction: str, reason: str) -> None:
-        self.events.append(ScaleEvent(time.time(), before, after, direction, reason))
-        self.scale_counts[direction] += 1
-        log.info("pool %s %d -> %d: %s", direction, before, after, reason)
-

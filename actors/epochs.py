@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from actors.messages import EpochSpec, JoinSpec, MemberInfo
+from fapool.pool.membership import EpochSpec, JoinSpec, MemberInfo, sum_counts
 
 
 @dataclass
@@ -35,11 +35,3 @@ async def push_draining(bases: list[Any], draining: set[int]) -> dict[int, int]:
 
 async def seqs_per_member(bases: list[Any]) -> dict[int, int]:
     return sum_counts(await asyncio.gather(*(b.seqs_per_member.remote() for b in bases)))
-
-
-def sum_counts(per_base: list[dict[int, int]]) -> dict[int, int]:
-    total: dict[int, int] = {}
-    for counts in per_base:
-        for mid, n in counts.items():
-            total[mid] = total.get(mid, 0) + n
-    return total

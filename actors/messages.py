@@ -34,34 +34,6 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
-class MemberInfo:
-    member_id: int
-    capacity_tokens: int
-    node_ip: str
-
-
-@dataclass(frozen=True)
-class EpochSpec:
-    """A data-plane membership: rank 0 is the base, rank i the i-th member of `members`."""
-
-    epoch: int
-    members: tuple[MemberInfo, ...]
-    draining: frozenset[int] = frozenset()  # member ids that take no new sequences
-
-
-@dataclass(frozen=True)
-class JoinSpec:
-    """What a pool member needs to join one base's data-plane group for one epoch."""
-
-    base_id: int
-    epoch: int
-    store_host: str
-    store_port: int
-    rank: int
-    world_size: int
-
-
-@dataclass(frozen=True)
 class BaseReport:
     """What a base tells the controller: its contexts in flight and where pooled KV lives."""
 

@@ -7,13 +7,13 @@ import threading
 import ray
 import torch
 
-from actors.messages import JoinSpec, MemberInfo
-from actors.shard_server import ShardServer
-from actors.transport import DataPlane
 from fapool.attention import select_kernel
 from fapool.config import ModelConfig
 from fapool.kvcache import KVCache, capacity_from_memory
 from fapool.loader import DTYPES, resolve_device
+from fapool.pool.membership import JoinSpec, MemberInfo
+from fapool.pool.shard_server import ShardServer
+from fapool.pool.transport import DataPlane
 
 log = logging.getLogger(__name__)
 

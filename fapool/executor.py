@@ -2,7 +2,7 @@
 
 The model calls `attend(layer, q, k, v)` for every layer; an executor stores the new K, V and
 returns the attention output. `LocalAttention` does both on the engine's own device over its
-paged KV cache; the pool's executor (in `actors/`) keeps short sequences local and fans long ones
+paged KV cache; the pool's executor (`fapool/pool/`) keeps short sequences local and fans long ones
 out to pool members.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A pool member's KV store: one arena per device, a contiguous region per shard.
 
-A base places each shard itself, in its own share of a member's arena (`actors/placement.py`);
+A base places each shard itself, in its own share of a member's arena (`fapool/pool/placement.py`);
 a shard is written once at prefill and never grows, so regions suit it. All regions live in one
 arena tensor (L, 2, rows, Hkv, D), so a decode step attends over every shard of the batch in one
 varlen kernel call (region starts and lengths). A shard keeps only some token rows of a sequence,

@@ -12,7 +12,7 @@ captured decode step write there. The arena starts zeroed, because a paged kerne
 pages and the rows past a sequence's end must hold finite numbers.
 
 "Rows" rather than "positions": a local sequence's row r is its token at position r; a pooled
-sequence keeps only its own share of rows on the base (see `actors/pooled_attention.py`).
+sequence keeps only its own share of rows on the base (see `fapool/pool/pooled_attention.py`).
 """
 from __future__ import annotations
 

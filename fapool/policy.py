@@ -2,6 +2,9 @@
 
     decision = decide(contexts, capacity, previous_state, now_s, policy_config)
 
+`pool_size` is the one rule for how many members a context wants: the controller's target and a
+base's choice to wait for a growing pool both come from it.
+
 Scale-up is immediate; scale-down waits until the smaller size has been enough for `cooldown_s`,
 so a pool does not thrash between bursts of long requests.
 """
@@ -91,13 +94,19 @@ class Decision:
     reason: str
 
 
+def pool_size(context_len: int, capacity: int, cfg: PolicyConfig) -> int:
+    """Members a context of `context_len` tokens wants: the curve, capped by `cfg.max_pool` and by
+    `capacity` (the members the cluster can give)."""
+    return min(cfg.curve.size_for(context_len), cfg.max_pool, max(capacity, 0))
+
+
 def decide(
     contexts: Sequence[int], capacity: int, prev: PolicyState, now_s: float, cfg: PolicyConfig
 ) -> Decision:
     """Target pool size for `contexts` (tokens of each request in flight), at most `capacity`
     actors (the GPUs Ray can give) and `cfg.max_pool`."""
     longest = max(contexts, default=0)
-    wanted = min(cfg.curve.size_for(longest), cfg.max_pool, max(capacity, 0))
+    wanted = pool_size(longest, capacity, cfg)
     if wanted >= prev.target:
         reason = f"longest context {longest} wants {wanted}" if wanted > prev.target else "steady"
         return Decision(wanted, PolicyState(wanted, None), wanted, reason)

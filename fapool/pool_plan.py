@@ -6,7 +6,19 @@ Pure (no Ray), so `actors/controller.py` and the `bench.elastic` replay run the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Collection, Mapping
+
+
+class RemovalCause(Enum):
+    """Why members leave the pool."""
+
+    DRAINED = "drained"  # healthy and idle: it may stay started as a warm standby
+    DIED = "died"  # gone: nothing to keep
+
+    @property
+    def may_stay_warm(self) -> bool:
+        return self is RemovalCause.DRAINED
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ The pool is driven by the service's own code: `fapool.policy.decide` for the tar
 `actors/controller.py` calls). Around them this models what Ray and the GPUs would do: members
 start after the measured cold (or warm-standby) time while the controller's tick waits for them,
 as `PoolController._add` does; bases admit in order (`fapool/scheduler.py`), hold a long prompt up
-to `pool_wait_s` for a growing pool (`actors/pooled_attention.py`), place a prompt over the
+to `pool_wait_s` for a growing pool (`fapool/pool/pooled_attention.py`), place a prompt over the
 threshold on every active member, and step with the cost model's times. Time advances in ticks
 of the controller (`tick_s`); inside a tick a base runs the prefills of the requests admitted
 there at their arrival times, with whole decode steps in the gaps, at the step time of the tick's batch.
@@ -212,7 +212,7 @@ def _admit(b: Base, b_id: int, now: float, t1: float, setup: Setup, costs: StepC
         s = b.waiting[0]
         n = s.req.prompt
         if elastic:
-            wanted = min(setup.policy.curve.size_for(n), setup.policy.max_pool, capacity)
+            wanted = policy_mod.pool_size(n, capacity, setup.policy)
             if wanted > len(active) and max(now, s.req.arrival_s) - s.req.arrival_s < setup.pool_wait_s:
                 return  # the pool is growing for it: wait
         members: tuple[int, ...] = ()

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fapool.attention.paged import PagedPlan, gathered, gathered_rows, padded_decode
+from fapool.attention.varlen import VarlenMeta
 
 logger = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -65,7 +66,7 @@ class AttentionKernel(ABC):
         starts: Sequence[int],
         lengths: Sequence[int],
         scale: float | None = None,
-        plan: object | None = None,
+        plan: VarlenMeta | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One query row per sequence against that sequence's rows of a shared KV arena.
 
@@ -104,8 +105,8 @@ class AttentionKernel(ABC):
         return gathered(self, q, k_pages, v_pages, plan, scale, causal=True)[0]
 
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
-                    device: torch.device) -> object | None:
-        """Per-step metadata for :meth:`decode_varlen` (None: it needs none)."""
+                    device: torch.device) -> VarlenMeta | None:
+        """Per-step metadata for :meth:`decode_varlen` (None: one call per sequence)."""
         return None
 
     @abstractmethod

@@ -24,10 +24,10 @@ from fapool.attention.sdpa_ops import (
     efficient_op,
     flash_op,
     fused_attend,
-    VarlenMeta,
     kv_splits_for,
     varlen_decode,
 )
+from fapool.attention.varlen import VarlenMeta
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ class SdpaCudnnKernel(AttentionKernel):
 
     def decode_varlen(
         self, q: Tensor, k_arena: Tensor, v_arena: Tensor, starts: Sequence[int], lengths: Sequence[int],
-        scale: float | None = None, plan: object | None = None,
+        scale: float | None = None, plan: VarlenMeta | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The whole decode batch in one varlen flash call (``seqused_k`` marks how much of each
         region is filled), else one chain per sequence."""
         if plan is None and q.is_cuda:
             plan = self.varlen_plan(starts, lengths, k_arena.shape[1], q.device)
-        if not isinstance(plan, VarlenMeta) or q.dtype not in HALF_DTYPES or not self._varlen_ok:
+        if plan is None or q.dtype not in HALF_DTYPES or not self._varlen_ok:
             return super().decode_varlen(q, k_arena, v_arena, starts, lengths, scale)
         try:
             return varlen_decode(q, k_arena, v_arena, plan, scale or q.shape[-1] ** -0.5)

@@ -1,6 +1,7 @@
 import pytest
 
-from fapool.policy import DEFAULT_CURVE, PolicyConfig, PolicyState, PoolCurve, decide
+from fapool.policy import DEFAULT_CURVE, PolicyConfig, PolicyState, PoolCurve, decide, pool_size
+from fapool.pool_plan import RemovalCause
 
 
 def test_paper_table_default_curve():
@@ -82,3 +83,14 @@ def test_bad_policy_config():
         PolicyConfig(max_pool=33)
     with pytest.raises(ValueError, match="cooldown_s"):
         PolicyConfig(cooldown_s=-1)
+
+
+def test_pool_size_is_the_target_decide_reaches():
+    cfg = PolicyConfig(max_pool=20)
+    for n, capacity in [(100, 32), (5000, 32), (20000, 32), (20000, 10), (50000, 0), (50000, -1)]:
+        assert decide([n], capacity, PolicyState(), 0.0, cfg).target == pool_size(n, capacity, cfg)
+    assert pool_size(50000, 32, cfg) == 20 and pool_size(50000, 3, cfg) == 3
+
+
+def test_only_drained_members_stay_warm():
+    assert RemovalCause.DRAINED.may_stay_warm and not RemovalCause.DIED.may_stay_warm

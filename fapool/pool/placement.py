@@ -7,7 +7,7 @@ break the group), and the members need no allocator of their own for pooled KV.
 """
 from __future__ import annotations
 
-from actors.messages import MemberInfo
+from fapool.pool.membership import MemberInfo
 from fapool.kvcache import RowAllocator
 
 

@@ -9,11 +9,11 @@ import logging
 
 import torch
 
-from actors.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_OUT, PartLayout, decode_prefill
-from actors.transport import DataPlane
 from fapool.attention import AttentionKernel, prefill_block
 from fapool.config import ModelConfig
 from fapool.kvcache import KVCache
+from fapool.pool.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_OUT, PartLayout, decode_prefill
+from fapool.pool.transport import DataPlane
 from fapool.profiling import PhaseTimer
 
 log = logging.getLogger(__name__)

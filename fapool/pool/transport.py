@@ -12,14 +12,28 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 HEADER_LEN = 4  # op, body length, and two spare fields
-
-
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
+
+
+class PoolFailure(RuntimeError):
+    """The data plane broke mid-step (a member died or timed out)."""
+
+
+def guard(fn: Callable[[], T]) -> T:
+    """Run a data-plane call; its failure becomes a `PoolFailure` (the base then recomputes)."""
+    try:
+        return fn()
+    except PoolFailure:
+        raise
+    except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
+        raise PoolFailure(f"data plane failed: {e}") from e
 
 
 def local_ip_towards(host: str) -> str:

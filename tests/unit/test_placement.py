@@ -1,8 +1,8 @@
 """A base's shard placement on pool members: its own share of each arena, first fit, no overlap."""
 import pytest
 
-from actors.messages import MemberInfo
-from actors.placement import ShardPlacement
+from fapool.pool.membership import MemberInfo
+from fapool.pool.placement import ShardPlacement
 
 M1, M2 = MemberInfo(1, 1000, "127.0.0.1"), MemberInfo(2, 600, "127.0.0.1")
 
