@@ -6,18 +6,19 @@ cluster, and generate. `serve/` builds on this; tests and scripts use it directl
 """
 from __future__ import annotations
 
-import itertools
 import os
 import time
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import ray
 
 from actors.config import NAMESPACE, ClusterConfig
 from actors.messages import GenerateRequest, PoolStatus, TokenEvent
 from actors.supervisor import Supervisor, is_base_name
+from fapool.errors import ErrorType, RequestError
 from fapool.sampling import SamplingParams
 
 
@@ -55,7 +56,8 @@ class Cluster:
         self.supervisor = supervisor
         self.name = supervisor.name if supervisor is not None else None
         self._bases = ray.get(controller.get_bases.remote()) if supervisor is None else None
-        self._rr = itertools.count()
+        self._inflight = [0] * len(self.bases)  # this client's requests per base
+        self._next = 0
 
     @classmethod
     def start(cls, cfg: ClusterConfig, address: str | None = None, *, name: str | None = None,
@@ -93,12 +95,44 @@ class Cluster:
     def bases(self) -> list[Any]:
         return self.supervisor.bases if self.supervisor is not None else self._bases
 
-    def pick_base(self) -> Any:
-        return self.bases[next(self._rr) % len(self.bases)]
+    @property
+    def healthy(self) -> list[bool]:
+        """Per base: it answered the supervisor's latest ping (a joined cluster: assumed so)."""
+        return list(self.supervisor.healthy) if self.supervisor is not None else [True] * len(self.bases)
+
+    def inflight(self) -> int:
+        """This client's requests in flight, all bases together."""
+        return sum(self._inflight)
+
+    def pick_base(self) -> int | None:
+        """The index of the healthy base with the fewest of this client's requests in flight,
+        round-robin among equals; None while no base is healthy (they are restarting)."""
+        n, healthy = len(self.bases), self.healthy
+        order = [(self._next + i) % n for i in range(n) if healthy[(self._next + i) % n]]
+        self._next = (self._next + 1) % n
+        return min(order, key=lambda i: self._inflight[i]) if order else None
+
+    def _picked(self) -> int:
+        b = self.pick_base()
+        if b is None:  # transient: the supervisor restarts them, so a retry may succeed
+            raise RequestError("no base actor can generate right now (restarting); retry shortly",
+                               ErrorType.OVERLOADED)
+        return b
+
+    @contextmanager
+    def using(self, b: int) -> Iterator[Any]:
+        """Base `b`'s handle, counted as one of this client's requests in flight until exit."""
+        self._inflight[b] += 1
+        try:
+            yield self.bases[b]
+        finally:
+            self._inflight[b] -= 1
 
     def submit(self, req: GenerateRequest, base: Any = None):
-        """Start a request; returns Ray's streaming generator of refs to `TokenEvent` tuples."""
-        base = base if base is not None else self.pick_base()
+        """Start a request on `base` (default: `pick_base`'s); returns Ray's streaming generator
+        of refs to `TokenEvent` tuples."""
+        if base is None:
+            base = self.bases[self._picked()]
         return base.generate.options(num_returns="streaming").remote(req)
 
     async def stream(self, req: GenerateRequest, base: Any = None) -> AsyncIterator[TokenEvent]:
@@ -115,17 +149,24 @@ class Cluster:
         prompt_token_ids: list[int] | None = None,
         base: Any = None,
     ) -> Generation:
-        """Blocking: run one request to the end. Raises `ValueError` for a refused request."""
+        """Blocking: run one request to the end, on `base` or the one `pick_base` gives. Raises
+        `RequestError` whose `.type` says why: fix the request, retry it later, or report it."""
         rid = f"gen-{uuid.uuid4().hex[:12]}"
         ids = tuple(prompt_token_ids) if prompt_token_ids is not None else None
+        b = self._picked() if base is None else next((i for i, h in enumerate(self.bases) if h == base), None)
         text, tokens, last = [], [], None
-        for ref in self.submit(GenerateRequest(rid, params, prompt, ids), base):
-            for last in ray.get(ref):
-                text.append(last.text)
-                tokens += last.token_ids
+        with (self.using(b) if b is not None else nullcontext(base)) as handle:
+            try:
+                for ref in self.submit(GenerateRequest(rid, params, prompt, ids), handle):
+                    for last in ray.get(ref):
+                        text.append(last.text)
+                        tokens += last.token_ids
+            except ray.exceptions.RayActorError as e:
+                raise RequestError(f"the base actor serving this request died; retry it ({e})",
+                                   ErrorType.INTERNAL) from None
         assert last is not None and last.finish_reason is not None
         if last.finish_reason == "error":
-            raise ValueError(last.error)
+            raise RequestError(last.error or "the request failed", ErrorType.of(last.error_type))
         return Generation(rid, "".join(text), tuple(tokens), last.finish_reason,
                           last.prompt_tokens, last.completion_tokens)
 

@@ -27,6 +27,7 @@ from typing import Any, TextIO, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fapool.errors import ErrorType, RequestError
 from fapool.policy import DEFAULT_CURVE, MAX_POOL
 from fapool.sampling import SamplingParams
 
@@ -169,12 +170,14 @@ def generate_one(cluster: Any, req: BatchRequest) -> dict[str, Any]:
     while True:
         try:
             g = cluster.generate(req.prompt, req.params, prompt_token_ids=req.prompt_token_ids)
-        except ValueError as e:  # the engine refused the request
-            if str(e).startswith("overloaded") and time.monotonic() < deadline:
+        except RequestError as e:
+            if e.type.retryable and time.monotonic() < deadline:
                 time.sleep(delay_s)
                 delay_s = min(2 * delay_s, 2.0)
                 continue
-            return error_record(req.id, f"line {req.line_no}: {e}")
+            if e.type is ErrorType.INVALID_REQUEST:
+                return error_record(req.id, f"line {req.line_no}: {e}")
+            return error_record(req.id, f"line {req.line_no}: {e}", "server_error")
         except Exception as e:  # noqa: BLE001 - an actor died: record it, go on with the rest
             return error_record(req.id, f"{type(e).__name__}: {e}", "server_error")
         return {"id": req.id, "text": g.text, "token_ids": list(g.token_ids), "finish_reason": g.finish_reason,
