@@ -6,18 +6,18 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import ray
 
-from actors.cluster import Cluster
+from actors.cluster import Cluster, completion_of
 from actors.config import ClusterConfig
 from actors.messages import GenerateRequest, TokenEvent
 from fapool.config import PRESETS
 from fapool.errors import ErrorType
-from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
+from fapool.sequence import Completion
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
@@ -33,21 +33,6 @@ class ServeLimits:
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
     status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
-
-
-@dataclass
-class Finished:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with params.prompt_logprobs
-
-    @property
-    def cumulative_logprob(self) -> float:
-        return sum(lp.logprob for lp in self.logprobs)
 
 
 class InferenceService:
@@ -117,17 +102,8 @@ class InferenceService:
         return chained()
 
     async def complete(self, prompt: str | None, prompt_token_ids: list[int] | None,
-                       params: SamplingParams) -> Finished:
-        text, ids, lps, prompt_lps, last = [], [], [], None, None
-        async for ev in await self.open_stream(prompt, prompt_token_ids, params):
-            text.append(ev.text)
-            ids += ev.token_ids
-            lps += ev.logprobs
-            prompt_lps = ev.prompt_logprobs if ev.prompt_logprobs is not None else prompt_lps
-            last = ev
-        assert last is not None and last.finish_reason is not None
-        return Finished("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                        lps, prompt_lps)
+                       params: SamplingParams) -> Completion:
+        return completion_of([ev async for ev in await self.open_stream(prompt, prompt_token_ids, params)])
 
     async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         b = self.cluster.pick_base()
