@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"serve.batch: error: {e}", file=sys.stderr)
         return 2
+    import ray
+
     from actors.config import CONTROLLER_NAME
     from serve.batch_data import Tally, run_pipeline, summary_counts
 
@@ -171,12 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             wall_s = time.monotonic() - t1
         stop.set()
         progress.join()
-        import ray
-
         summary = summary_counts(ray.get(tally.totals.remote()))
-        summary.update(wall_s=round(wall_s, 3), tokens_per_s=round(summary["completion_tokens"] / max(wall_s, 1e-9), 1),
-                       startup_s=round(startup_s, 3), controller="started" if owned else "existing",
-                       output=args.output, pool=watcher.summary())
+        tokens_per_s = round(summary["completion_tokens"] / max(wall_s, 1e-9), 1)
+        summary.update(wall_s=round(wall_s, 3), tokens_per_s=tokens_per_s, startup_s=round(startup_s, 3),
+                       controller="started" if owned else "existing", output=args.output, pool=watcher.summary())
     finally:
         stop.set()
         if owned and not args.keep_cluster:
