@@ -6,29 +6,31 @@ cluster, and generate. `serve/` builds on this; tests and scripts use it directl
 """
 from __future__ import annotations
 
-import itertools
 import os
+import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, AsyncIterator, Iterator
 
 import ray
 
 from actors.config import NAMESPACE, ClusterConfig
 from actors.messages import GenerateRequest, PoolStatus, TokenEvent
 from actors.supervisor import Supervisor, is_base_name
+from fapool.errors import ErrorType, RequestError
 from fapool.sampling import SamplingParams
+from fapool.sequence import Completion
 
 
-@dataclass(frozen=True)
-class Generation:
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+def completion_of(events: list[TokenEvent]) -> Completion:
+    """The whole result of one request's stream of events, the last of which ends it."""
+    last = events[-1]
+    assert last.finish_reason is not None and last.finish_reason != "error"
+    prompt_lps = next((ev.prompt_logprobs for ev in events if ev.prompt_logprobs is not None), None)
+    return Completion(last.request_id, "".join(ev.text for ev in events),
+                      tuple(t for ev in events for t in ev.token_ids), last.finish_reason, last.prompt_tokens,
+                      last.completion_tokens, tuple(lp for ev in events for lp in ev.logprobs), prompt_lps)
 
 
 def connect(address: str | None = None, **init_kwargs: Any) -> None:
@@ -55,7 +57,9 @@ class Cluster:
         self.supervisor = supervisor
         self.name = supervisor.name if supervisor is not None else None
         self._bases = ray.get(controller.get_bases.remote()) if supervisor is None else None
-        self._rr = itertools.count()
+        self._inflight = [0] * len(self.bases)  # this client's requests per base
+        self._next = 0
+        self._lock = threading.Lock()  # `generate` may be called from many threads (the batch job)
 
     @classmethod
     def start(cls, cfg: ClusterConfig, address: str | None = None, *, name: str | None = None,
@@ -93,12 +97,47 @@ class Cluster:
     def bases(self) -> list[Any]:
         return self.supervisor.bases if self.supervisor is not None else self._bases
 
-    def pick_base(self) -> Any:
-        return self.bases[next(self._rr) % len(self.bases)]
+    @property
+    def healthy(self) -> list[bool]:
+        """Per base: it answered the supervisor's latest ping (a joined cluster: assumed so)."""
+        return list(self.supervisor.healthy) if self.supervisor is not None else [True] * len(self.bases)
+
+    def inflight(self) -> int:
+        """This client's requests in flight, all bases together."""
+        return sum(self._inflight)
+
+    def pick_base(self) -> int | None:
+        """The index of the healthy base with the fewest of this client's requests in flight,
+        round-robin among equals; None while no base is healthy (they are restarting)."""
+        n, healthy = len(self.bases), self.healthy
+        with self._lock:
+            order = [(self._next + i) % n for i in range(n) if healthy[(self._next + i) % n]]
+            self._next = (self._next + 1) % n
+            return min(order, key=lambda i: self._inflight[i]) if order else None
+
+    def _picked(self) -> int:
+        b = self.pick_base()
+        if b is None:  # transient: the supervisor restarts them, so a retry may succeed
+            raise RequestError("no base actor can generate right now (restarting); retry shortly",
+                               ErrorType.OVERLOADED)
+        return b
+
+    @contextmanager
+    def using(self, b: int) -> Iterator[Any]:
+        """Base `b`'s handle, counted as one of this client's requests in flight until exit."""
+        with self._lock:
+            self._inflight[b] += 1
+        try:
+            yield self.bases[b]
+        finally:
+            with self._lock:
+                self._inflight[b] -= 1
 
     def submit(self, req: GenerateRequest, base: Any = None):
-        """Start a request; returns Ray's streaming generator of refs to `TokenEvent` tuples."""
-        base = base if base is not None else self.pick_base()
+        """Start a request on `base` (default: `pick_base`'s); returns Ray's streaming generator
+        of refs to `TokenEvent` tuples."""
+        if base is None:
+            base = self.bases[self._picked()]
         return base.generate.options(num_returns="streaming").remote(req)
 
     async def stream(self, req: GenerateRequest, base: Any = None) -> AsyncIterator[TokenEvent]:
@@ -114,20 +153,23 @@ class Cluster:
         *,
         prompt_token_ids: list[int] | None = None,
         base: Any = None,
-    ) -> Generation:
-        """Blocking: run one request to the end. Raises `ValueError` for a refused request."""
+    ) -> Completion:
+        """Blocking: run one request to the end, on `base` or the one `pick_base` gives. Raises
+        `RequestError` whose `.type` says why: fix the request, retry it later, or report it."""
         rid = f"gen-{uuid.uuid4().hex[:12]}"
         ids = tuple(prompt_token_ids) if prompt_token_ids is not None else None
-        text, tokens, last = [], [], None
-        for ref in self.submit(GenerateRequest(rid, params, prompt, ids), base):
-            for last in ray.get(ref):
-                text.append(last.text)
-                tokens += last.token_ids
-        assert last is not None and last.finish_reason is not None
-        if last.finish_reason == "error":
-            raise ValueError(last.error)
-        return Generation(rid, "".join(text), tuple(tokens), last.finish_reason,
-                          last.prompt_tokens, last.completion_tokens)
+        b = self._picked() if base is None else next((i for i, h in enumerate(self.bases) if h == base), None)
+        events: list[TokenEvent] = []
+        with (self.using(b) if b is not None else nullcontext(base)) as handle:
+            try:
+                for ref in self.submit(GenerateRequest(rid, params, prompt, ids), handle):
+                    events += ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise RequestError(f"the base actor serving this request died; retry it ({e})",
+                                   ErrorType.INTERNAL) from None
+        if events[-1].finish_reason == "error":
+            raise RequestError(events[-1].error or "the request failed", ErrorType.of(events[-1].error_type))
+        return completion_of(events)
 
     def status(self) -> PoolStatus:
         return ray.get(self.controller.status.remote())

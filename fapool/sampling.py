@@ -29,7 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # a single string is taken as one stop string
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # report each sampled token's logprob and this many alternatives
@@ -49,7 +49,8 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r}; use a value in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}; use 0 (off) or a positive integer")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # The one place stop strings are normalised: every edge passes what the client sent.
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         check_stops(self.stop)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:

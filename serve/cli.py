@@ -9,35 +9,19 @@ import sys
 import threading
 import time
 
-from pydantic import ValidationError
-
-from fapool.policy import DEFAULT_CURVE
-
 log = logging.getLogger("fapool")
 APP = "fapool"  # the Serve application's name
 
 
 def parser() -> argparse.ArgumentParser:
+    from serve.options import ServeOptions, add_flags
+
     p = argparse.ArgumentParser(prog="fapool", description="FA Pool: elastic LLM serving on Ray")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over HTTP", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", default="tiny", help="'tiny' (embedded), 'paper', or a Hugging Face model directory")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--base-actors", type=int, default=1, help="base actors (one GPU each)")
-    s.add_argument("--max-pool", type=int, default=32, help="attention pool actors at most (0..32)")
-    s.add_argument("--pool-curve", default=DEFAULT_CURVE, help="pool size by longest context, LEN:SIZE,...")
-    s.add_argument("--pool-cooldown-s", type=float, default=30.0, help="seconds before the pool shrinks")
-    s.add_argument("--accelerator-type", default=None, help="pin actors to one GPU model, e.g. A100 or H100")
-    s.add_argument("--api-key", default=None, help="require this key on every route but /health (or FAPOOL_API_KEY)")
+    add_flags(s, ServeOptions)
+    # How this process runs, not what it serves: not part of the app's settings.
     s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
-    s.add_argument("--max-cpu-members", type=int, default=None,
-                   help="pool actors at most on CPU (default: one per core the base actors leave free)")
-    s.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache per base (default: from memory)")
-    s.add_argument("--request-timeout-s", type=float, default=600.0)
-    s.add_argument("--max-inflight", type=int, default=1024, help="requests in flight before HTTP 429")
-    s.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get HTTP 413")
     s.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
     return p
@@ -52,18 +36,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from serve.options import ServeOptions
+    from serve.options import ServeOptions, options_from
 
     if args.shutdown_grace_s < 0:
         print("fapool serve: --shutdown-grace-s: use a duration >= 0", file=sys.stderr)
         return 2
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "address", "shutdown_grace_s")}
     try:
-        opts = ServeOptions(**fields)
-    except ValidationError as e:
-        for err in e.errors():
-            flag = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
-            print(f"fapool serve: {flag}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        opts = options_from(ServeOptions, args)
+    except ValueError as e:
+        print(f"fapool serve: {e}", file=sys.stderr)
         return 2
 
     import ray

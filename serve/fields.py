@@ -76,6 +76,13 @@ Stop = Annotated[Union[_StopString, Annotated[list[_StopString], Field(max_lengt
                  BeforeValidator(_stop)]
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
+
+# ---- sampling values: declared once; each body picks its default (null: the core's default) ----
+MaxTokens = Annotated[StrictInt, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, strict=True, allow_inf_nan=False, description="0: greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+TopK = Annotated[StrictInt, Field(ge=-1, description="0 or -1: off")]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
 StopTokenIds = Annotated[Union[list[TokenId], None], Field(max_length=MAX_STOP_TOKEN_IDS)]
 
 

@@ -11,8 +11,8 @@ from typing import Iterable
 
 from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
+from fapool.sequence import Completion
 from fapool.tokenizer import Tokenizer
-from serve.service import Finished
 
 MAX_SEED = 2**64 - 1
 
@@ -26,11 +26,11 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=s + i if s + i <= MAX_SEED else s - i) for i in range(n)]
 
 
-def best(results: list[Finished], n: int) -> list[Finished]:
+def best(results: list[Completion], n: int) -> list[Completion]:
     """`best_of`: the n candidates with the highest cumulative logprob, most likely first."""
     if len(results) == n:
         return results
-    return sorted(results, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
+    return sorted(results, key=lambda r: sum(lp.logprob for lp in r.logprobs), reverse=True)[:n]
 
 
 def token_text(tok: Tokenizer, token_id: int) -> str:

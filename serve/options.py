@@ -1,41 +1,51 @@
-"""The serve options (CLI flags, `serve_config.yaml` args) as one pydantic model at the edge."""
+"""The settings of `fapool serve`, `serve_config.yaml` and `python -m serve.batch`: one pydantic model
+at the edge, from which the command-line flags are derived (`add_flags`), so a setting is declared,
+documented and validated once. A field `foo_bar` is the flag `--foo-bar`; its description is the help.
+"""
 from __future__ import annotations
 
+import argparse
 import os
-from typing import TYPE_CHECKING
+import types
+import typing
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.config import ClusterConfig
 from fapool.config import PRESETS, EngineConfig
-from fapool.policy import DEFAULT_CURVE, PolicyConfig, PoolCurve
+from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
     from serve.service import ServeLimits
 
+DEVICES = ("auto", "cpu", "cuda")
+Options = TypeVar("Options", bound=BaseModel)
 
-class ServeOptions(BaseModel):
+
+class ClusterOptions(BaseModel):
+    """What an FA Pool cluster is made of: the flags `fapool serve` and the batch job share."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "tiny"  # "tiny" (embedded, no download), "paper", or a Hugging Face-format directory
-    device: str = "auto"  # auto | cpu | cuda
-    base_actors: int = Field(1, ge=1)
-    max_pool: int = Field(32, ge=0, le=32)
-    pool_curve: str = DEFAULT_CURVE
-    pool_cooldown_s: float = Field(30.0, ge=0)
-    accelerator_type: str | None = None
-    api_key: str | None = None  # None: FAPOOL_API_KEY if set, else no key
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    kv_capacity_tokens: int | None = Field(None, ge=1)
-    member_kv_capacity_tokens: int | None = Field(None, ge=1)
-    max_cpu_members: int | None = Field(None, ge=0, le=32)  # None: one per CPU core the bases leave free
-    max_inflight: int = Field(1024, ge=1)
-    max_waiting_per_base: int = Field(256, ge=1)
-    request_timeout_s: float = Field(600.0, gt=0)
-    max_body_bytes: int = Field(8 << 20, ge=1024)
-    pool_wait_s: float = Field(30.0, ge=0)
+    model: str = Field("tiny", description="'tiny' (embedded), 'paper', or a Hugging Face model directory")
+    device: str = Field("auto", description="where the model runs; auto: cuda if available",
+                        json_schema_extra={"choices": DEVICES})
+    base_actors: int = Field(1, ge=1, description="base actors (one GPU each)")
+    max_pool: int = Field(MAX_POOL, ge=0, le=MAX_POOL, description="attention pool actors at most (0..32)")
+    pool_curve: str = Field(DEFAULT_CURVE, description="pool size by longest context, LEN:SIZE,...")
+    pool_cooldown_s: float = Field(30.0, ge=0, description="seconds before the pool shrinks")
+    accelerator_type: str | None = Field(None, description="pin actors to one GPU model, e.g. A100 or H100")
+    kv_capacity_tokens: int | None = Field(None, ge=1, description="KV cache per base; None: from free memory")
+    member_kv_capacity_tokens: int | None = Field(None, ge=1,
+                                                  description="KV cache per pool actor; None: from free memory")
+    max_cpu_members: int | None = Field(None, ge=0, le=MAX_POOL,
+                                        description="pool actors at most on CPU; None: one per core the "
+                                                    "base actors leave free")
+    max_waiting_per_base: int = Field(256, ge=1, description="requests queued on a base before it refuses "
+                                                             "more as overloaded (HTTP 429)")
+    pool_wait_s: float = Field(30.0, ge=0, description="how long a long prompt waits for a growing pool")
 
     @field_validator("model")
     @classmethod
@@ -52,7 +62,7 @@ class ServeOptions(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda"):
+        if v not in DEVICES:
             raise ValueError(f"device={v!r}; use auto, cpu or cuda")
         return v
 
@@ -61,9 +71,6 @@ class ServeOptions(BaseModel):
     def _curve(cls, v: str) -> str:
         PoolCurve.parse(v)  # raises ValueError naming the bad point
         return v
-
-    def resolved_api_key(self) -> str | None:
-        return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
 
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(
@@ -78,8 +85,53 @@ class ServeOptions(BaseModel):
             max_waiting_per_base=self.max_waiting_per_base,
         )
 
+
+class ServeOptions(ClusterOptions):
+    """`fapool serve` and the args of `serve_config.yaml`: the cluster plus the HTTP front door."""
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to accept remote clients")
+    port: int = Field(8000, ge=1, le=65535, description="port to bind")
+    api_key: str | None = Field(None, description="require this key on every route but /health "
+                                                  "(or FAPOOL_API_KEY)")
+    max_inflight: int = Field(1024, ge=1, description="requests in flight before HTTP 429")
+    request_timeout_s: float = Field(600.0, gt=0, description="a longer request ends with HTTP 504")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="larger request bodies get HTTP 413")
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
+
     def limits(self) -> ServeLimits:
         from serve.service import ServeLimits
 
         return ServeLimits(max_inflight=self.max_inflight, request_timeout_s=self.request_timeout_s,
                            max_body_bytes=self.max_body_bytes)
+
+
+# ---- flags ------------------------------------------------------------------------------------
+def add_flags(p: argparse.ArgumentParser | Any, model: type[BaseModel]) -> None:
+    """One flag per field of `model`, with its type, default, bounds in the model, and help."""
+    for name, f in model.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        p.add_argument("--" + name.replace("_", "-"), type=_scalar(f.annotation), default=f.default,
+                       choices=extra.get("choices"), help=f.description)
+
+
+def options_from(model: type[Options], args: argparse.Namespace) -> Options:
+    """`model` built from the parsed flags; raises `ValueError` naming the first bad flag."""
+    try:
+        return model(**{k: getattr(args, k) for k in model.model_fields})
+    except ValidationError as e:
+        raise ValueError(flag_error(e)) from None
+
+
+def flag_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    flag = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
+    return f"{flag}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _scalar(annotation: Any) -> type:
+    """`int` for `int` and `int | None`: the type argparse converts a flag's text with."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation

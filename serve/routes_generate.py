@@ -20,7 +20,7 @@ async def generate(body: GenerateBody):
     params = body.sampling_params()
     if not body.stream:
         r = await svc.complete(body.prompt, body.prompt_token_ids, params)
-        out = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+        out = {"text": r.text, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
         return _with_logprobs(out, body, r.logprobs, r.prompt_logprobs)
     events = await svc.open_stream(body.prompt, body.prompt_token_ids, params)

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from fapool.sampling import MAX_LOGPROBS, SamplingParams
 from serve.errors import APIError
-from serve.fields import (MAX_BATCH_PROMPTS, CompletionPrompt, LogitBias, PromptIds, Refused, Stop, StopTokenIds, Text, check_text,
-                          logit_bias_pairs)
+from serve.fields import (MAX_BATCH_PROMPTS, CompletionPrompt, LogitBias, MaxTokens, PromptIds, Refused, Seed, Stop,
+                          StopTokenIds, Temperature, Text, TopK, TopP, check_text, logit_bias_pairs)
 
 MAX_N = 128  # choices (or best_of candidates) per prompt: each is an engine request
 Logprobs = Annotated[Union[StrictInt, None], Field(ge=0, le=MAX_LOGPROBS)]
@@ -45,11 +45,11 @@ class GenerateBody(ProcessorFields):
         {"required": ["prompt_token_ids"], "properties": {"prompt_token_ids": {"type": "array"}}}]})
     prompt: Text | None = None
     prompt_token_ids: PromptIds = None
-    max_tokens: StrictInt = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0, strict=True, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
-    top_k: StrictInt = Field(0, ge=-1, description="0 or -1: off")
-    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    max_tokens: MaxTokens = 64
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
     stop: Stop = None
     stop_token_ids: StopTokenIds = None
     ignore_eos: StrictBool = False
@@ -78,7 +78,7 @@ def make_params(max_tokens: int, temperature: float | None, top_p: float | None,
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
             top_p=1.0 if top_p is None else float(top_p), top_k=max(top_k or 0, 0), seed=seed,
-            stop=tuple([stop] if isinstance(stop, str) else (stop or ())),
+            stop=stop or (),
             stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=bool(ignore_eos), **extra)
     except ValueError as e:
         m = re.match(r"(\w+)=", str(e))
@@ -95,16 +95,16 @@ class OpenAIFields(ProcessorFields):
 
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = Field(None, ge=1, description="default: up to the context limit")
-    temperature: float | None = Field(None, ge=0.0, le=100.0, strict=True, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
-    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    max_tokens: MaxTokens | None = Field(None, description="default: up to the context limit")
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
     stop: Stop = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None  # an end-user id for the caller's records; it changes no output
     # vLLM's extensions that this server applies.
-    top_k: StrictInt | None = Field(None, ge=-1, description="0 or -1: off")
+    top_k: TopK | None = None
     stop_token_ids: StopTokenIds = None
     ignore_eos: StrictBool | None = None
     n: StrictInt | None = Field(None, ge=1, le=MAX_N, description="choices per prompt")
@@ -210,7 +210,7 @@ class ChatMessage(BaseModel):
 
 class ChatBody(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     # Accepted as records only: they change no output.
     metadata: dict[StrictStr, StrictStr] | None = None
     store: Annotated[Any, Refused(False, fix="this server stores nothing; leave store unset or false")] = None

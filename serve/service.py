@@ -6,17 +6,18 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import ray
 
-from actors.cluster import Cluster
+from actors.cluster import Cluster, completion_of
 from actors.config import ClusterConfig
 from actors.messages import GenerateRequest, TokenEvent
 from fapool.config import PRESETS
-from fapool.logprobs import TokenLogprob
+from fapool.errors import ErrorType
 from fapool.sampling import SamplingParams
+from fapool.sequence import Completion
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
@@ -32,21 +33,6 @@ class ServeLimits:
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
     status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
-
-
-@dataclass
-class Finished:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with params.prompt_logprobs
-
-    @property
-    def cumulative_logprob(self) -> float:
-        return sum(lp.logprob for lp in self.logprobs)
 
 
 class InferenceService:
@@ -71,8 +57,6 @@ class InferenceService:
         self.metrics = Metrics(lambda: self._snap)
         self._snap = Snapshot()
         self._snap_lock = asyncio.Lock()
-        self._inflight_by_base = [0] * cfg.num_base_actors
-        self._next = 0
 
     @property
     def controller(self) -> Any:
@@ -92,7 +76,7 @@ class InferenceService:
         return self.supervisor.drain_deadline_s is not None
 
     def inflight(self) -> int:
-        return sum(self._inflight_by_base)
+        return self.cluster.inflight()
 
     # ---- generation -----------------------------------------------------------------------
     async def open_stream(self, prompt: str | None, prompt_token_ids: list[int] | None,
@@ -102,7 +86,7 @@ class InferenceService:
         if self.draining():
             raise APIError(503, "the server is shutting down; retry on another replica", "shutting_down",
                            headers={"Retry-After": "1"})
-        if sum(self._inflight_by_base) >= self.limits.max_inflight:
+        if self.cluster.inflight() >= self.limits.max_inflight:
             raise APIError(429, "too many requests in flight; retry later", "overloaded",
                            headers={"Retry-After": "1"})
         req = GenerateRequest(f"req-{uuid.uuid4().hex}", params, prompt,
@@ -118,62 +102,54 @@ class InferenceService:
         return chained()
 
     async def complete(self, prompt: str | None, prompt_token_ids: list[int] | None,
-                       params: SamplingParams) -> Finished:
-        text, ids, lps, prompt_lps, last = [], [], [], None, None
-        async for ev in await self.open_stream(prompt, prompt_token_ids, params):
-            text.append(ev.text)
-            ids += ev.token_ids
-            lps += ev.logprobs
-            prompt_lps = ev.prompt_logprobs if ev.prompt_logprobs is not None else prompt_lps
-            last = ev
-        assert last is not None and last.finish_reason is not None
-        return Finished("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                        lps, prompt_lps)
+                       params: SamplingParams) -> Completion:
+        return completion_of([ev async for ev in await self.open_stream(prompt, prompt_token_ids, params)])
 
     async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        b = self._pick_base()
-        base = self.bases[b]
-        self._inflight_by_base[b] += 1
-        gen = base.generate.options(num_returns="streaming").remote(req)
-        t0 = time.monotonic()
-        first_s = last_s = None
-        done, reason = False, "abort"  # a stream left before its end: the client went away
-        try:
-            while True:
-                batch = await self._next_batch(gen, t0)
-                for ev in batch:
-                    if ev.finish_reason == "error":
-                        done = True
-                        # A refused request (bad value, full queue) never ran: not a finished one.
-                        reason = "error" if ev.error_type not in ("invalid_request", "overloaded") else ""
-                        raise _to_api_error(ev)
-                    now = time.monotonic()
-                    if ev.token_ids:
-                        first_s = first_s or now
-                        last_s = now
-                    done = ev.finish_reason is not None
-                    if done:
-                        reason = ev.finish_reason
-                        tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
-                        self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
-                                                     ev.prompt_tokens, ev.completion_tokens, ev.queue_s)
-                    yield ev
-                    if done:
-                        return
-        except APIError as e:
-            # Cut short by the server (timeout, drain) is an abort; a base lost under it, an error.
-            reason = reason if done else ("abort" if e.status == 504 or self.draining() else "error")
-            raise
-        finally:
-            self._inflight_by_base[b] -= 1
-            if reason:
-                self.metrics.observe_finish(reason)
-            if not done:  # the client went away, timed out or the server drains: free the KV now
-                try:
-                    base.abort.remote(req.request_id)
-                    ray.cancel(gen)
-                except Exception:  # noqa: BLE001 - already finished, or the base is gone
-                    pass
+        b = self.cluster.pick_base()
+        if b is None:
+            raise APIError(503, "no base actor can generate right now (restarting); retry shortly",
+                           "base_unavailable", headers={"Retry-After": "1"})
+        with self.cluster.using(b) as base:
+            gen = self.cluster.submit(req, base)
+            t0 = time.monotonic()
+            first_s = last_s = None
+            done, reason = False, "abort"  # a stream left before its end: the client went away
+            try:
+                while True:
+                    batch = await self._next_batch(gen, t0)
+                    for ev in batch:
+                        if ev.finish_reason == "error":
+                            done = True
+                            # A refused request (bad value, full queue) never ran: not a finished one.
+                            reason = "error" if ErrorType.of(ev.error_type) is ErrorType.INTERNAL else ""
+                            raise _to_api_error(ev)
+                        now = time.monotonic()
+                        if ev.token_ids:
+                            first_s = first_s or now
+                            last_s = now
+                        done = ev.finish_reason is not None
+                        if done:
+                            reason = ev.finish_reason
+                            tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
+                            self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
+                                                         ev.prompt_tokens, ev.completion_tokens, ev.queue_s)
+                        yield ev
+                        if done:
+                            return
+            except APIError as e:
+                # Cut short by the server (timeout, drain) is an abort; a base lost under it, an error.
+                reason = reason if done else ("abort" if e.status == 504 or self.draining() else "error")
+                raise
+            finally:
+                if reason:
+                    self.metrics.observe_finish(reason)
+                if not done:  # the client went away, timed out or the server drains: free the KV now
+                    try:
+                        base.abort.remote(req.request_id)
+                        ray.cancel(gen)
+                    except Exception:  # noqa: BLE001 - already finished, or the base is gone
+                        pass
 
     async def _next_batch(self, gen: Any, t0: float) -> tuple[TokenEvent, ...]:
         """The next item of a base's stream, or the error a client should see: 503 when the base
@@ -203,16 +179,6 @@ class InferenceService:
         finally:
             if not nxt.done():
                 nxt.cancel()
-
-    def _pick_base(self) -> int:
-        """The healthy base with the fewest requests from this ingress; round-robin among equals."""
-        n = len(self.bases)
-        order = [(self._next + i) % n for i in range(n) if self.supervisor.healthy[(self._next + i) % n]]
-        self._next = (self._next + 1) % n
-        if not order:
-            raise APIError(503, "no base actor can generate right now (restarting); retry shortly",
-                           "base_unavailable", headers={"Retry-After": "1"})
-        return min(order, key=lambda i: self._inflight_by_base[i])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -302,8 +268,9 @@ def _app_name() -> str:
 
 
 def _to_api_error(ev: TokenEvent) -> APIError:
-    if ev.error_type == "overloaded":
-        return APIError(429, ev.error or "overloaded", "overloaded", headers={"Retry-After": "1"})
-    if ev.error_type == "invalid_request":
-        return APIError(400, ev.error or "invalid request", "invalid_request")
-    return APIError(500, ev.error or "internal error", "internal")
+    kind = ErrorType.of(ev.error_type)
+    if kind is ErrorType.OVERLOADED:
+        return APIError(429, ev.error or "overloaded", kind.value, headers={"Retry-After": "1"})
+    if kind is ErrorType.INVALID_REQUEST:
+        return APIError(400, ev.error or "invalid request", kind.value)
+    return APIError(500, ev.error or "internal error", kind.value)

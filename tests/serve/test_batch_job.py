@@ -1,4 +1,4 @@
-"""End to end: `ray job submit -- python -m serve.batch` on a real Ray head started by `ray start`.
+"""End to end: `ray job submit -- python -m serve.batch` (Ray Data) on a real Ray head started by `ray start`.
 
 The head runs in its own process session with its own temp dir and ports, so it never touches a
 Ray instance other tests started. It is stopped by SIGTERM to `ray start --block`, not by
@@ -6,6 +6,7 @@ Ray instance other tests started. It is stopped by SIGTERM to `ray start --block
 """
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
-from serve.batch import BatchRequest, main, parse_line
+from serve.batch import main
+from serve.batch_lines import BatchRequest, parse_line
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -82,19 +84,28 @@ def ray_job(head, module, *args):
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
-def submit(head, lines, *flags):
+def read_output(out_dir):
+    """The records of a job's output directory: its `*.json` files in file-name order."""
+    files = sorted(Path(out_dir).glob("*.json"))
+    assert files, f"no output files in {out_dir}"
+    return [json.loads(x) for f in files for x in f.read_text().splitlines()]
+
+
+def submit(head, lines, *flags, rc=0):
     """Run one batch job through `ray job submit`; returns (summary, output records, seconds)."""
     in_path = Path(tempfile.mkstemp(suffix=".jsonl", dir=head["temp_dir"])[1])
-    out_path = in_path.with_suffix(".out.jsonl")
+    out_dir = in_path.with_suffix(".out")
     in_path.write_text("\n".join(lines) + "\n")
     t0 = time.monotonic()
-    res = ray_job(head, "serve.batch", "--input", str(in_path), "--output", str(out_path), *flags)
+    res = ray_job(head, "serve.batch", "--input", str(in_path), "--output", str(out_dir), *flags)
     log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-6000:]
-    summaries = re.findall(r"SUMMARY (\{.*\})", log)
+    assert res.returncode == rc, log[-6000:]
+    summaries = set(re.findall(r"SUMMARY (\{.*\})", log))  # a failed job's log is shown twice
     assert len(summaries) == 1, log[-6000:]
-    records = [json.loads(x) for x in out_path.read_text().splitlines()]
-    return json.loads(summaries[0]), records, time.monotonic() - t0
+    summary = json.loads(summaries.pop())
+    assert summary["output"] == str(out_dir) and f"written as JSON lines under {out_dir}" in log
+    assert re.search(r"%d/%d \[" % ((n := sum(1 for x in lines if x.strip())), n), log), log[-3000:]  # progress
+    return summary, read_output(out_dir), time.monotonic() - t0
 
 
 def wait_http_ok(url, proc, log_path, timeout_s=90.0):
@@ -161,31 +172,46 @@ def ray_head():
 
 # ---- the input format, without Ray ------------------------------------------------------------
 def test_parse_line_defaults_and_errors():
-    req = parse_line(0, 3, json.dumps({"prompt": "hi"}))
-    assert isinstance(req, BatchRequest) and req.id == 3  # the line number when no id is given
-    assert req.params == SamplingParams(max_tokens=64, temperature=0.0)
-    req = parse_line(1, 4, json.dumps({"id": "x", "prompt_token_ids": [1, 2], "stop": "ab", "ignore_eos": True}))
+    req = parse_line(3, json.dumps({"prompt": "hi"}))
+    assert isinstance(req, BatchRequest) and (req.line, req.id) == (3, None)
+    assert req.params == SamplingParams(max_tokens=64, temperature=0.0)  # greedy: the batch's one difference
+    req = parse_line(4, json.dumps({"id": "x", "prompt_token_ids": [1, 2], "stop": "ab", "ignore_eos": True,
+                                    "presence_penalty": 0.5}))
     assert req.prompt_token_ids == [1, 2] and req.params.stop == ("ab",) and req.params.ignore_eos
+    assert req.params.presence_penalty == 0.5  # the fields of POST /generate, applied the same way
     cases = {
         "{bad": "not valid JSON",
-        "[1, 2]": "valid dictionary",
+        "[1, 2]": "a line must be a JSON object",
         '{"id": "a"}': "exactly one of prompt",
         '{"prompt": "a", "prompt_token_ids": [1]}': "exactly one of prompt",
-        '{"prompt": "a", "max_tokens": 0}': "max_tokens=0",
+        '{"prompt": "a", "max_tokens": 0}': "max_tokens",
         '{"prompt": "a", "max_tokens": "4"}': "max_tokens",
-        '{"prompt": "a", "top_p": 0}': "top_p=0",
+        '{"prompt": "a", "top_p": 0}': "top_p",
         '{"prompt": "a", "prompt_token_ids": null, "temprature": 1}': "temprature",
         '{"prompt_token_ids": [1, true]}': "prompt_token_ids",
+        '{"prompt": "a", "stream": true}': "stream",
+        '{"prompt": "a", "logprobs": 2}': "logprobs",
+        '{"prompt": "a", "max_tokens": 2, "min_tokens": 3}': "min_tokens",
     }
     for line, want in cases.items():
-        rec = parse_line(0, 9, line)
-        assert isinstance(rec, dict) and rec["error"]["type"] == "invalid_request_error", line
+        rec = parse_line(9, line)
+        assert isinstance(rec, dict) and rec["error"]["type"] == "invalid_request" and rec["line"] == 9, line
         assert rec["error"]["message"].startswith("line 9: ") and want in rec["error"]["message"], rec
 
 
-def test_missing_input_exits_2(tmp_path, capsys):
-    assert main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
-    assert "nope.jsonl" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["--input", str(tmp_path / "nope.jsonl"), "--output", out]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    assert main(["--input", "in.jsonl", "--output", out]) == 2  # relative: would land in Ray's cache
+    assert "relative path" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--output", out]) == 2  # never deletes other files
+    assert "notes.txt" in capsys.readouterr().err
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--output", out + "2", "--max-pool", "40"]) == 2
+    assert "--max-pool" in capsys.readouterr().err
 
 
 # ---- end to end through `ray job submit` -------------------------------------------------------
@@ -198,7 +224,7 @@ def reference(requests):
 
 def assert_matches(records, requests, want):
     for o, (line, params), w in zip(records, requests, want):
-        assert "error" not in o, o
+        assert o["error"] is None, o
         assert o["token_ids"] == list(w.token_ids), o["id"]
         assert (o["text"], o["finish_reason"]) == (w.text, w.finish_reason), o["id"]
         assert o["usage"] == {"prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens}
@@ -241,16 +267,17 @@ def test_batch_job_matches_local_engine(ray_head):
 
     want = reference(good)
     assert want[-1].finish_reason == "stop" and len(want[-1].token_ids) < 16  # the stop string fired
-    assert len(out) == len(lines)
+    assert [o["line"] for o in out] == list(range(1, len(lines) + 1))  # one record a line, in input order
     got_good, got_bad = out[:3] + out[6:9], out[3:6] + out[9:]
-    assert [o["id"] for o in got_good] == ["short", "long-text", "long-ids", 7, "seeded", "stop"]
-    assert [o["id"] for o in got_bad] == [4, "no-prompt", "neg-temp", "top-p", "vocab", "typo"]
+    assert [o["id"] for o in got_good] == ["short", "long-text", "long-ids", None, "seeded", "stop"]
+    assert [o["id"] for o in got_bad] == [None, "no-prompt", "neg-temp", "top-p", "vocab", "typo"]
     assert_matches(got_good, good, want)
     for o in got_bad:
-        assert o["error"]["type"] == "invalid_request_error" and o["error"]["message"], o
+        assert o["error"]["type"] == "invalid_request" and o["error"]["message"] and o["text"] is None, o
     assert "max_token" in got_bad[-1]["error"]["message"] and "999" in got_bad[-2]["error"]["message"]
 
     assert summary["requests"] == len(lines) and summary["ok"] == len(good) and summary["errors"] == len(bad)
+    assert summary["errors_by_type"] == {"invalid_request": len(bad), "overloaded": 0, "internal": 0}
     assert summary["prompt_tokens"] == sum(w.prompt_tokens for w in want)
     assert summary["completion_tokens"] == sum(w.completion_tokens for w in want)
     assert summary["controller"] == "started" and summary["wall_s"] > 0 and summary["tokens_per_s"] > 0
@@ -261,6 +288,48 @@ def test_batch_job_matches_local_engine(ray_head):
         time.sleep(1)
     assert not alive
     print(f"job {job_s:.1f}s, summary {summary}")
+
+
+def tiny_ids(rng, n):
+    return [rng.randrange(3, 384) for _ in range(n)]  # the tiny model's vocabulary is 384 tokens
+
+
+@pytest.mark.slow
+def test_batch_job_200_lines_through_a_full_queue(ray_head):
+    """200 lines in, 200 records out in the directory given, in order. A base queues one request at
+    most, so most lines are first refused as "overloaded": they are retried, and every line runs."""
+    rng = random.Random(7)
+    lines, good = [], {}
+    for i in range(1, 201):
+        if i % 25 == 7:  # 8 bad lines, counted as invalid requests
+            lines.append("{not json" if i % 2 else json.dumps({"id": i, "prompt": "x", "top_p": 0}))
+            continue
+        line = {"id": i, "prompt_token_ids": tiny_ids(rng, rng.randint(2, 12)), "max_tokens": rng.randint(1, 6),
+                "ignore_eos": True}
+        lines.append(json.dumps(line))
+        good[i] = line
+    summary, out, job_s = submit(ray_head, lines, "--device", "cpu", "--max-pool", "0",
+                                 "--max-waiting-per-base", "1", "--concurrency", "8")
+    assert len(out) == 200 and [o["line"] for o in out] == list(range(1, 201))
+    assert all(o["id"] == o["line"] for o in out if o["id"] is not None)
+    assert summary["requests"] == 200 and summary["ok"] == 192 and summary["errors"] == 8
+    assert summary["errors_by_type"] == {"invalid_request": 8, "overloaded": 0, "internal": 0}
+    assert summary["retries"] > 0, summary  # the full queue refused lines, and the job retried them
+    assert sum(o["usage"]["completion_tokens"] for o in out if o["error"] is None) == summary["completion_tokens"]
+    sample = sorted(good)[::12]
+    requests = [(good[i], SamplingParams(max_tokens=good[i]["max_tokens"], temperature=0, ignore_eos=True))
+                for i in sample]
+    assert_matches([out[i - 1] for i in sample], requests, reference(requests))
+    print(f"200 lines {job_s:.1f}s, summary {summary}")
+
+    # Without retries the refusals stay: counted as "overloaded", and the job exits 1.
+    lines = [json.dumps({"prompt_token_ids": tiny_ids(rng, 4), "max_tokens": 8, "ignore_eos": True})] * 40
+    summary, out, _ = submit(ray_head, lines, "--device", "cpu", "--max-pool", "0", "--max-waiting-per-base", "1",
+                             "--concurrency", "16", "--retry-s", "0", rc=1)
+    refused = [o for o in out if o["error"] is not None]
+    assert refused and all(o["error"]["type"] == "overloaded" for o in refused), out
+    assert summary["errors_by_type"] == {"invalid_request": 0, "overloaded": len(refused), "internal": 0}
+    assert summary["ok"] == 40 - len(refused) and summary["retries"] == 0
 
 
 @pytest.mark.slow

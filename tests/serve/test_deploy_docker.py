@@ -81,7 +81,7 @@ def test_deploy_readme_commands_and_paths():
         "ray start --head",
         "serve run deploy/serve_config.yaml",
         "serve deploy deploy/serve_config.yaml",
-        "ray job submit --working-dir . -- python -m serve.batch --input prompts.jsonl --output out.jsonl",
+        "ray job submit --working-dir . -- python -m serve.batch --input /shared/prompts.jsonl --output /shared/out",
         "ray job submit --working-dir . -- python -m bench.run --preset tiny",
         "kubectl apply -f deploy/kuberay/rayservice.yaml",
         "ray up deploy/ray-cluster.yaml",
@@ -91,6 +91,10 @@ def test_deploy_readme_commands_and_paths():
         assert command in text, command
     for path in set(re.findall(r"\bdeploy/[\w./-]+\.(?:yaml|json)", text)):
         assert (ROOT / path).exists(), path
-    for line in re.findall(r"^\{.*\}$", text, flags=re.M):  # the JSONL example lines parse
-        record = json.loads(line)
-        assert ("prompt" in record) != ("prompt_token_ids" in record)
+    from fapool.config import PRESETS
+    from serve.batch_lines import BatchRequest, parse_line
+
+    for line in re.findall(r"^\{.*\}$", text, flags=re.M):  # the JSONL examples are valid batch lines
+        req = parse_line(1, line)
+        assert isinstance(req, BatchRequest), req
+        assert all(t < PRESETS["tiny"].vocab_size for t in req.prompt_token_ids or ()), line
