@@ -20,6 +20,7 @@ from actors.messages import BaseStats, GenerateRequest, StepRecord, TokenEvent
 from actors.streams import Streams, drain
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
+from fapool.errors import ErrorType
 from fapool.policy import PolicyConfig
 from fapool.pool.membership import EpochSpec
 from fapool.pool.pooled_attention import PooledAttention
@@ -67,7 +68,7 @@ class BaseActor:
         rid = req.request_id
         if rid in self._streams:
             yield (TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
-                              error_type="invalid_request"),)
+                              error_type=ErrorType.INVALID_REQUEST),)
             return
         events = self._streams.open(rid)
         finished = False

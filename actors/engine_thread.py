@@ -20,6 +20,7 @@ from actors.config import ClusterConfig
 from actors.messages import BaseReport, BaseStats, GenerateRequest, StepRecord, TokenEvent
 from actors.streams import Streams, event_of
 from fapool.engine import LLMEngine
+from fapool.errors import ErrorType
 from fapool.pool.pooled_attention import PooledAttention
 from fapool.pool.transport import PoolFailure
 from fapool.sequence import RequestOutput
@@ -83,13 +84,13 @@ class EngineThread:
     def add(self, req: GenerateRequest) -> None:
         if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
             self._streams.emit([TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
-                                           error_type="overloaded")])
+                                           error_type=ErrorType.OVERLOADED)])
             return
         try:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e), error_type="invalid_request")])
+            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e), error_type=ErrorType.INVALID_REQUEST)])
 
     def abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fapool.errors import ErrorType
 from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 from fapool.stats import EngineCounters
@@ -27,7 +28,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    error_type: str | None = None  # "invalid_request", "overloaded" or "internal"
+    error_type: ErrorType | None = None  # set with `error`; None there means internal
     logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for logprobs
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, with the first token
     queue_s: float | None = None  # in the last event: seconds from arrival at the base to admission

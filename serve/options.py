@@ -46,6 +46,8 @@ class ClusterOptions(BaseModel):
     max_waiting_per_base: int = Field(256, ge=1, description="requests queued on a base before it refuses "
                                                              "more as overloaded (HTTP 429)")
     pool_wait_s: float = Field(30.0, ge=0, description="how long a long prompt waits for a growing pool")
+    torch_compile: bool = Field(False, description="fuse each layer's elementwise chains with torch.compile "
+                                                   "(CUDA: slower start, fewer kernels per step)")
 
     @field_validator("model")
     @classmethod
@@ -74,7 +76,8 @@ class ClusterOptions(BaseModel):
 
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(
-            engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens),
+            engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens,
+                                torch_compile=self.torch_compile),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
                                 cooldown_s=self.pool_cooldown_s),
             num_base_actors=self.base_actors,
@@ -112,6 +115,10 @@ def add_flags(p: argparse.ArgumentParser | Any, model: type[BaseModel]) -> None:
     """One flag per field of `model`, with its type, default, bounds in the model, and help."""
     for name, f in model.model_fields.items():
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if f.annotation is bool:  # --foo / --no-foo
+            p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.description)
+            continue
         p.add_argument("--" + name.replace("_", "-"), type=_scalar(f.annotation), default=f.default,
                        choices=extra.get("choices"), help=f.description)
 
