@@ -262,10 +262,11 @@ class LLMEngine:
         return self.model.logits(hidden[[ends[i] - 1 for i in sampled]]), sampled
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self, force: bool = False) -> None:
         """Compile kernels and capture graphs before the first request, so it costs what the
-        tenth does: every decode bucket's graph, and prefills of a few lengths."""
-        if self.loaded.device.type != "cuda":
+        tenth does: every decode bucket's graph, and prefills of a few lengths. Off CUDA only
+        with `force` (tests). The counters start again at zero: warm-up is no user's work."""
+        if self.loaded.device.type != "cuda" and not force:
             return  # nothing to compile or capture
         if self.step_graphs is not None:
             self.step_graphs.capture_all()
@@ -278,6 +279,7 @@ class LLMEngine:
             rids = [self.add_request(None, sp, prompt_token_ids=[0] * n, request_id=f"warmup-{n}") for n in group]
             while any(self.scheduler.find(r) is not None for r in rids) or self.has_unfinished():
                 self.step()
+        self.scheduler.num_preemptions = self.num_prefill_tokens = self.num_decode_tokens = 0
 
     def generate(
         self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()
