@@ -1,7 +1,8 @@
 """The OpenAI (and vLLM) shapes of logprobs, and the fan-out of `n` and `best_of`.
 
 Completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, `top_logprobs` a map
-of token text to logprob holding the top alternatives and the chosen token (as vLLM). Chat:
+of token text to logprob holding the top alternatives and the chosen token (as vLLM);
+`text[text_offset[i]:]` starts with `tokens[i]`. Chat:
 `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}`.
 """
 from __future__ import annotations
@@ -48,7 +49,9 @@ class CompletionLogprobs:
         """`entries`: (token id, its logprob or None: the first prompt token has none)."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for tid, lp in entries:
-            text = token_text(self.tok, tid)
+            # As the choice's text renders it, so text_offset indexes that text: a special token
+            # the text skips (the prompt's bos, an eos) is "" and takes no room.
+            text = self.tok.decode([tid])
             out["tokens"].append(text)
             out["text_offset"].append(self.offset)
             self.offset += len(text)

@@ -130,6 +130,36 @@ def test_echo_gives_the_prompt_logprobs(server, client, engine):
     assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
 
 
+def check_offsets(text: str, lp) -> None:
+    """OpenAI's text_offset: where each token starts in the returned text."""
+    assert len(lp.text_offset) == len(lp.tokens)
+    for i, (tok, at) in enumerate(zip(lp.tokens, lp.text_offset)):
+        assert text[at:].startswith(tok), (i, tok, at, text)
+    assert "".join(lp.tokens) == text  # here no character spans two tokens
+
+
+def test_echo_text_offset_indexes_the_returned_text(server, client):
+    """The prompt's bos (first of its tokens) is not in the echoed text: it takes no room."""
+    ids = tokenize(server, prompt="The cat sat")
+    assert ids[0] == 256  # the tiny tokenizer's <s>
+    for prompt in ("The cat sat", ids):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                      echo=True, extra_body={"ignore_eos": True})
+        c = r.choices[0]
+        assert c.text.startswith("The cat sat") and len(c.logprobs.tokens) == len(ids) + 6
+        check_offsets(c.text, c.logprobs)
+        text, merged = "", {"tokens": [], "text_offset": []}
+        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                               echo=True, stream=True, extra_body={"ignore_eos": True}):
+            if chunk.choices:
+                text += chunk.choices[0].text
+                if chunk.choices[0].logprobs:
+                    merged["tokens"] += chunk.choices[0].logprobs.tokens
+                    merged["text_offset"] += chunk.choices[0].logprobs.text_offset
+        assert text == c.text and merged["tokens"] == c.logprobs.tokens
+        assert merged["text_offset"] == c.logprobs.text_offset
+
+
 def test_n_choices_greedy_equal_and_seeded_reproducible(client):
     r = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, temperature=0, n=3,
                                   extra_body={"ignore_eos": True})
