@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from fastapi import APIRouter
@@ -35,6 +36,29 @@ def check_model(svc, name: str | None, param: str = "model") -> str:
 def model_card(svc) -> dict:
     return {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "fapool",
             "max_model_len": svc.max_model_len}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a response body, or each chunk of a stream, carries around its choices. Usage comes
+    where given, and as null on every chunk of a stream that asked for it in its last one."""
+
+    id: str
+    object: str  # "text_completion", "chat.completion", "chat.completion.chunk"
+    created: int
+    model: str
+    include_usage: bool = False
+
+    def wrap(self, choices: list[dict], use: dict | None = None) -> dict:
+        out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices}
+        if use is not None or self.include_usage:
+            out["usage"] = use
+        return out
+
+
+def choice(i: int, finish: str | None, logprobs: dict | None, **content) -> dict:
+    """One choice; `content` is its `text`, `message` or `delta`."""
+    return {"index": i, **content, "logprobs": logprobs, "finish_reason": finish}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -91,7 +115,8 @@ async def model(model_id: str):
 async def completions(body: CompletionBody):
     svc = current()
     model = check_model(svc, body.checked().model)
-    cid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.num_choices
+    n = body.num_choices
+    env = Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), model, body.include_usage)
     jobs = []
     for p in body.prompts():
         text, ids = (p, None) if isinstance(p, str) else (None, p)
@@ -100,15 +125,6 @@ async def completions(body: CompletionBody):
         text, ids, max_tokens = await room(svc, body.max_tokens, text, ids)
         echo = (p if isinstance(p, str) else svc.tokenizer.decode(ids)) if body.echo else ""
         jobs.append((text, ids, echo, body.sampling_params(max_tokens)))
-
-    def chunk(choices: list[dict], use: dict | None = None) -> dict:
-        out = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-        if use is not None or body.include_usage:
-            out["usage"] = use
-        return out
-
-    def choice(i: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
-        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     if not body.stream:
         runs = await gather_or_cancel(*(svc.complete(t, ids, p) for t, ids, _, params in jobs
@@ -123,8 +139,8 @@ async def completions(body: CompletionBody):
                 if body.logprobs is not None:
                     entries = prompt_entries(ids, r.prompt_logprobs) if body.echo else []
                     lp = CompletionLogprobs(svc.tokenizer).shape(entries + output_entries(r.token_ids, r.logprobs))
-                choices.append(choice(j * n + c, echo + r.text, r.finish_reason, lp))
-        return chunk(choices, usage(*totals))
+                choices.append(choice(j * n + c, r.finish_reason, lp, text=echo + r.text))
+        return env.wrap(choices, usage(*totals))
     streams = await gather_or_cancel(*(svc.open_stream(t, ids, p) for t, ids, _, params in jobs
                                        for p in choice_params(params, n)))
 
@@ -142,10 +158,10 @@ async def completions(body: CompletionBody):
                     entries = prompt_entries(ids, ev.prompt_logprobs) + entries
             lp = logprobs[i].shape(entries) if body.logprobs is not None and entries else None
             if text or ev.finish_reason or lp:
-                yield chunk([choice(i, text, ev.finish_reason, lp)])
+                yield env.wrap([choice(i, ev.finish_reason, lp, text=text)])
             _count(totals, ev, i % n == 0)
         if body.include_usage:
-            yield chunk([], usage(*totals))
+            yield env.wrap([], usage(*totals))
 
     return sse_response(chunks())
 
@@ -157,7 +173,8 @@ async def chat_completions(body: ChatBody):
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     ids = await asyncio.to_thread(svc.encode_chat, messages)
     _, ids, max_tokens = await room(svc, body.requested_max_tokens, None, ids)
-    cid, created, params = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.sampling_params(max_tokens)
+    params = body.sampling_params(max_tokens)
+    env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time()), model)
     every = choice_params(params, body.num_choices)
 
     def logprobs(lps) -> dict | None:
@@ -165,33 +182,23 @@ async def chat_completions(body: ChatBody):
 
     if not body.stream:
         runs = await gather_or_cancel(*(svc.complete(None, ids, p) for p in every))
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": logprobs(r.logprobs), "finish_reason": r.finish_reason}
-                            for i, r in enumerate(runs)],
-                "usage": usage(runs[0].prompt_tokens, sum(r.completion_tokens for r in runs))}
+        return env.wrap([choice(i, r.finish_reason, logprobs(r.logprobs),
+                                message={"role": "assistant", "content": r.text}) for i, r in enumerate(runs)],
+                        usage(runs[0].prompt_tokens, sum(r.completion_tokens for r in runs)))
     streams = await gather_or_cancel(*(svc.open_stream(None, ids, p) for p in every))
-
-    def chunk(choices: list[dict], use: dict | None = None) -> dict:
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
-        if use is not None or body.include_usage:
-            out["usage"] = use
-        return out
-
-    def choice(i: int, delta: dict, finish: str | None, lp: dict | None = None) -> dict:
-        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+    env = replace(env, object="chat.completion.chunk", include_usage=body.include_usage)
 
     async def chunks() -> AsyncIterator[dict]:
         totals = [0, 0]
         for i in range(len(streams)):
-            yield chunk([choice(i, {"role": "assistant", "content": ""}, None)])
+            yield env.wrap([choice(i, None, None, delta={"role": "assistant", "content": ""})])
         async for i, ev in merge(streams):
             lp = logprobs(ev.logprobs) if ev.logprobs else None
             if ev.text or ev.finish_reason or lp:  # the last chunk may carry only its finish_reason
-                yield chunk([choice(i, {"content": ev.text} if ev.text else {}, ev.finish_reason, lp)])
+                yield env.wrap([choice(i, ev.finish_reason, lp, delta={"content": ev.text} if ev.text else {})])
             _count(totals, ev, i == 0)
         if body.include_usage:
-            yield chunk([], usage(*totals))
+            yield env.wrap([], usage(*totals))
 
     return sse_response(chunks())
 
