@@ -2,6 +2,9 @@
 
 Needs Debian's `chromium` (apt-get install -y --no-install-recommends chromium) and the
 `playwright` Python package; never `playwright install`, the browser comes from apt.
+
+The screenshot goes to pytest's tmp dir, so a run leaves the checkout clean; with
+`FAPOOL_UPDATE_SCREENSHOT=1` it replaces the tracked `docs/dashboard.png` instead.
 """
 
 import os
@@ -17,7 +20,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
 POLL_MS = 250  # well under the 2 s cooldown, so the page sees the pool before it shrinks
 WAIT_MS = 120_000
 
@@ -51,7 +54,11 @@ def chart_attr(page, name):
     return page.get_attribute('[data-testid="pool-chart"]', name)
 
 
-def test_dashboard_follows_the_pool_growing(page, fapool_server):
+def screenshot_path(tmp_path: Path) -> Path:
+    return DOCS_SCREENSHOT if os.environ.get("FAPOOL_UPDATE_SCREENSHOT") == "1" else tmp_path / "dashboard.png"
+
+
+def test_dashboard_follows_the_pool_growing(page, fapool_server, tmp_path):
     base = fapool_server
     page.goto(f"{base}/dashboard?interval_ms={POLL_MS}")
     page.wait_for_function("window.__fapool && window.__fapool.samples.length >= 1", timeout=WAIT_MS)
@@ -90,8 +97,10 @@ def test_dashboard_follows_the_pool_growing(page, fapool_server):
     assert "→" in up_row and "up" in up_row
     assert page.get_attribute('[data-testid="status"]', "data-state") == "ok"
 
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    shot = screenshot_path(tmp_path)
+    shot.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert page.console_errors == []
     foreign = [u for u in page.request_urls if not u.startswith(base + "/") and not u.startswith("data:")]
