@@ -47,7 +47,44 @@ def _cuda_reason(device: torch.device, min_major: int) -> str | None:
     return None
 
 
-class FlashAttn4Kernel(AttentionKernel):
+class _FlashKernel(AttentionKernel):
+    """What both packages share: a lazy import, a minimum GPU generation, half precision only.
+    A subclass names its package and makes the call in `_run`."""
+
+    module: str
+    function: str
+    pip_name: str
+    min_major: int  # compute capability
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        reason = _cuda_reason(device, min_major=cls.min_major)
+        return reason or _import_attr(cls.module, cls.function)[1]
+
+    @classmethod
+    def _imported(cls, function: str | None = None) -> Callable[..., Any]:
+        fn, why = _import_attr(cls.module, function or cls.function)
+        if fn is None:
+            raise ValueError(f"kernel {cls.name!r} is not installed: {why}; pip install {cls.pip_name}")
+        return fn
+
+    def _forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        check_half(self.name, q.dtype)
+        fn = self._imported()
+        tq, hq, _ = q.shape
+        out, lse = self._run(fn, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale)
+        return out[0], normalise_lse(lse, hq, tq)
+
+    @staticmethod
+    def _run(fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, causal: bool,
+             scale: float) -> tuple[Tensor, Tensor]:
+        """(B, T, H, D) inputs -> out (B, Tq, Hq, D), lse (B, Hq, Tq)."""
+        raise NotImplementedError
+
+
+class FlashAttn4Kernel(_FlashKernel):
     """flash-attn-4 (CuTe DSL): the fastest kernel on Hopper and Blackwell.
 
     Over a paged cache, `flash_attn_varlen_func(q, k_pages, v_pages, seqused_k=, page_table=,
@@ -56,15 +93,12 @@ class FlashAttn4Kernel(AttentionKernel):
     """
 
     name = "flash4"
-    module, function = "flash_attn.cute", "flash_attn_func"
+    module, function, pip_name, min_major = "flash_attn.cute", "flash_attn_func", "flash-attn-4", 9
     paged_in_graph = True
 
-    @staticmethod
-    def _varlen():
-        fn, why = _import_attr("flash_attn.cute", "flash_attn_varlen_func")
-        if fn is None:
-            raise ValueError(f"kernel 'flash4' is not installed: {why}; pip install flash-attn-4")
-        return fn
+    @classmethod
+    def _varlen(cls) -> Callable[..., Any]:
+        return cls._imported("flash_attn_varlen_func")
 
     def paged_decode(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
                      seq_lens: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -86,49 +120,23 @@ class FlashAttn4Kernel(AttentionKernel):
                                 softmax_scale=scale, causal=True, return_lse=True)
         return out
 
-    @classmethod
-    def unavailable_reason(cls, device: torch.device) -> str | None:
-        reason = _cuda_reason(device, min_major=9)
-        return reason or _import_attr(cls.module, cls.function)[1]
-
-    def _forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        check_half(self.name, q.dtype)
-        fn, why = _import_attr(self.module, self.function)
-        if fn is None:
-            raise ValueError(f"kernel 'flash4' is not installed: {why}; pip install flash-attn-4")
-        tq, hq, _ = q.shape
-        out, lse = fn(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-            softmax_scale=scale, causal=causal, return_lse=True,
-        )
+    @staticmethod
+    def _run(fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, causal: bool,
+             scale: float) -> tuple[Tensor, Tensor]:
+        out, lse = fn(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
         if lse is None:
             raise RuntimeError("flash_attn.cute.flash_attn_func returned no LSE (return_lse=True)")
-        return out[0], normalise_lse(lse, hq, tq)
+        return out, lse
 
 
-class FlashAttn2Kernel(AttentionKernel):
+class FlashAttn2Kernel(_FlashKernel):
     """flash-attn 2.x: the fast path on Ampere (A100)."""
 
     name = "flash2"
-    module, function = "flash_attn", "flash_attn_func"
+    module, function, pip_name, min_major = "flash_attn", "flash_attn_func", "flash-attn", 8
 
-    @classmethod
-    def unavailable_reason(cls, device: torch.device) -> str | None:
-        reason = _cuda_reason(device, min_major=8)
-        return reason or _import_attr(cls.module, cls.function)[1]
-
-    def _forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        check_half(self.name, q.dtype)
-        fn, why = _import_attr(self.module, self.function)
-        if fn is None:
-            raise ValueError(f"kernel 'flash2' is not installed: {why}; pip install flash-attn")
-        tq, hq, _ = q.shape
-        out, lse, _ = fn(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-            dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True,
-        )
-        return out[0], normalise_lse(lse, hq, tq)
+    @staticmethod
+    def _run(fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, causal: bool,
+             scale: float) -> tuple[Tensor, Tensor]:
+        out, lse, _ = fn(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True)
+        return out, lse
