@@ -8,7 +8,7 @@ of several nodes a local path must be on a filesystem every node mounts. A relat
 refused: under `ray job submit --working-dir` the job runs in a copy of the working directory
 inside Ray's cache, where a relative path would silently land. The output directory is created
 if needed; the `*.json` files of an earlier run there are replaced (a local directory that holds
-anything else is refused). Where the output went is printed at the end, and is `output` in the summary.
+anything else is refused). An output URI must not exist yet: remote data is never replaced. Where the output went is printed at the end, and is `output` in the summary.
 
 Input lines: the body of `POST /generate` (`{"prompt": str}` or `{"prompt_token_ids": [int]}`,
 `max_tokens` (64), `temperature`, `top_p`, `top_k`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`,
@@ -61,7 +61,10 @@ def checked_path(flag: str, value: str) -> str:
 def check_local_paths(input_path: str, output_path: str) -> None:
     if "://" not in input_path and not os.path.isfile(input_path):
         raise ValueError(f"--input {input_path!r}: no such file; give the path of a JSON-lines file")
-    if "://" in output_path or not os.path.exists(output_path):
+    if "://" in output_path:
+        check_new_uri(output_path)
+        return
+    if not os.path.exists(output_path):
         return
     if not os.path.isdir(output_path):
         raise ValueError(f"--output {output_path!r} is a file; give a directory for the result files")
@@ -69,6 +72,20 @@ def check_local_paths(input_path: str, output_path: str) -> None:
     if other:
         raise ValueError(f"--output {output_path!r} holds files other than an earlier run's *.json "
                          f"(e.g. {other[0]!r}); give an empty or new directory")
+
+
+def check_new_uri(uri: str) -> None:
+    """An output URI must not exist yet: what is under a remote prefix cannot be checked file by
+    file as a local directory is, so the job never replaces it (Ray Data's overwrite would delete it)."""
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        exists = filesystem.get_file_info(path).type != fs.FileType.NotFound
+    except Exception:  # noqa: BLE001 - unknown scheme or no credentials here: Ray Data reports it when it writes
+        return
+    if exists:
+        raise ValueError(f"--output {uri!r} already exists; give a new URI (the job never replaces remote data)")
 
 
 def count_lines(input_path: str) -> int | None:

@@ -98,7 +98,9 @@ def run_pipeline(input_path: str, output_path: str, *, cluster_name: str, worker
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_kwargs={"cluster_name": cluster_name, "concurrency": concurrency,
                                                "retry_s": retry_s, "tally": tally})
-    ds.write_json(output_path, mode=ray.data.SaveMode.OVERWRITE, ray_remote_args={"num_cpus": IO_CPUS})
+    # A local directory was checked to hold only an earlier run's results; a URI, to be new.
+    mode = ray.data.SaveMode.ERROR if "://" in output_path else ray.data.SaveMode.OVERWRITE
+    ds.write_json(output_path, mode=mode, ray_remote_args={"num_cpus": IO_CPUS})
 
 
 def summary_counts(totals: dict[str, int]) -> dict[str, Any]:

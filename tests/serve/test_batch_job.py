@@ -212,6 +212,9 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "notes.txt" in capsys.readouterr().err
     assert main(["--input", str(tmp_path / "in.jsonl"), "--output", out + "2", "--max-pool", "40"]) == 2
     assert "--max-pool" in capsys.readouterr().err
+    # A URI that exists is refused before anything starts: remote data is never replaced.
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--output", "file://" + out]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "out" / "notes.txt").exists()
 
 
 # ---- end to end through `ray job submit` -------------------------------------------------------
