@@ -182,22 +182,8 @@ PAPER = ModelConfig(
 
 # What users actually serve: Llama-3.1-8B's shape (32 layers, GQA 32/8, 128K vocabulary), random
 # weights. Eight times the paper model's layers, so per-layer host costs show eight times over.
-LLAMA8B = ModelConfig(
-    architecture="LlamaForCausalLM",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-    bos_token_id=256,
-    eos_token_ids=(257,),
-    dtype="bfloat16",
-)
+LLAMA8B = PAPER.replace(vocab_size=128256, intermediate_size=14336, num_hidden_layers=32, num_key_value_heads=8,
+                        max_position_embeddings=131072)
 
 PRESETS = {"tiny": TINY, "paper": PAPER, "llama8b": LLAMA8B}
 
