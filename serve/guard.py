@@ -68,8 +68,9 @@ class Guard:
             return await _reply(send, *refusal)
         try:
             body = await _read_body(receive, max_body)
-        except _TooLarge:
-            await _drain(receive)
+        except _TooLarge as e:
+            if e.more:  # a last message over the limit leaves nothing to drain: waiting would stall 10 s
+                await _drain(receive)
             return await _reply(send, 413, error_body(413, f"the body exceeds the limit of {max_body} bytes",
                                                       "body_too_large"))
         except asyncio.TimeoutError:
@@ -100,7 +101,9 @@ class Guard:
 
 
 class _TooLarge(Exception):
-    pass
+    def __init__(self, more: bool) -> None:
+        super().__init__()
+        self.more = more  # whether the client has more of the body to send
 
 
 class _Disconnected(Exception):
@@ -116,10 +119,10 @@ async def _read_body(receive, max_body: int) -> bytes:
             raise _Disconnected
         chunk = msg.get("body", b"")
         size += len(chunk)
-        if size > max_body:
-            raise _TooLarge
-        chunks.append(chunk)
         more = msg.get("more_body", False)
+        if size > max_body:
+            raise _TooLarge(more)
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
