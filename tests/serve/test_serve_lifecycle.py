@@ -9,7 +9,7 @@ import httpx
 import yaml
 
 from tests.serve.chaos_helpers import ids_of
-from tests.serve.test_batch_job import RAY, alive_fapool_actors, free_ports, ray_head, subprocess_env  # noqa: F401
+from tests.helpers.ray_head import RAY, alive_fapool_actors, free_ports, ray_head, subprocess_env  # noqa: F401
 
 SERVE = RAY.replace("/ray", "/serve")
 
