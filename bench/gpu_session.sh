@@ -4,6 +4,8 @@
 # machine: ../shared/device/bundle-site.sh "ray[serve]==2.60.0" fastapi prometheus-client):
 #
 #   bash bench/gpu_session.sh check   # GPU tests + decode kernels side by side (about 3 min)
+#   bash bench/gpu_session.sh engine  # one GPU: the GPU tests, then bench.engine's graph, compiled
+#                                     # and eager modes side by side (about 8 min; also carry .devfa*)
 #   bash bench/gpu_session.sh bench   # paper model, pools 0/1/3, 16K and 64K, batches 1 and 8,
 #                                     # (about 7 min)
 #   bash bench/gpu_session.sh full    # the same grid plus the oversized batch, the transformers
@@ -16,12 +18,16 @@ out=${OUT:-bench/results}
 if [ -f .devsite/site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
   mkdir -p /tmp/site && tar -xJf .devsite/site.tar.xz -C /tmp/site
 fi
-export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/tmp/sc:/tmp/site:$PWD  # /tmp/sc: flash-attn-4 (../shared/device/bundle-fa4.sh), where unpacked; RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L
 case "${1:-check}" in
   check)
     timeout 240 python -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tail -15
     timeout 120 python -m bench.decode_kernels --out "$out"
+    ;;
+  engine)
+    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_paged.py tests/gpu/test_gpu_kernels.py 2>&1 | tail -8
+    timeout 360 python -m bench.engine --preset paper --out "$out" 2>&1 | tail -16
     ;;
   bench)
     timeout 560 python -m bench.run --preset paper --contexts 16384,65536 --batches 1,8 --steps 16 \
@@ -31,5 +37,5 @@ case "${1:-check}" in
     timeout 580 python -m bench.run --preset paper --contexts 16384,65536 --batches 1,8 --steps 16 \
       --name paper-full --out "$out" 2>&1 | tail -50
     ;;
-  *) echo "usage: bash bench/gpu_session.sh check|bench|full" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|engine|bench|full" >&2; exit 2 ;;
 esac
