@@ -18,7 +18,8 @@ out=${OUT:-bench/results}
 if [ -f .devsite/site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
   mkdir -p /tmp/site && tar -xJf .devsite/site.tar.xz -C /tmp/site
 fi
-export PYTHONPATH=/tmp/sc:/tmp/site:$PWD  # /tmp/sc: flash-attn-4 (../shared/device/bundle-fa4.sh), where unpacked; RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# /tmp/sc adds flash-attn-4 where it was unpacked (../shared/device/bundle-fa4.sh; see gpu_serve.sh).
+export PYTHONPATH=/tmp/sc:/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L
 case "${1:-check}" in
   check)
