@@ -7,8 +7,9 @@ start, and again after the controller restarts) and tells of a base that came ba
 
 Each tick it applies the pure policy (`fapool.policy.decide`) to the contexts the bases report,
 then reconciles through `PoolMembers` (`actors/members.py`): new members are created, started
-and joined to a new data-plane epoch before any base places work on them; surplus members are first marked draining (bases place nothing new on
-them) and removed only once no live sequence holds KV there, so a scale-down never loses a request.
+and joined to a new data-plane epoch before any base places work on them; surplus members are
+first marked draining (bases place nothing new on them) and removed only once no live sequence
+holds KV there, so a scale-down never loses a request.
 """
 from __future__ import annotations
 

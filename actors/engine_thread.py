@@ -90,7 +90,8 @@ class EngineThread:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e), error_type=ErrorType.INVALID_REQUEST)])
+            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e),
+                                           error_type=ErrorType.INVALID_REQUEST)])
 
     def abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)

@@ -26,6 +26,7 @@ from fapool.attention import AttentionKernel
 from fapool.attention.paged import merge_splits, split_table
 from fapool.batch import SeqSlice
 from fapool.model import LlamaForCausalLM
+from fapool.model.ops import fused
 from fapool.paged_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class PagedDecodeGraphs:
         compiles the LSE merge of KV splits into one kernel (as `EngineConfig.torch_compile`
         does the layers' elementwise chains)."""
         self.model, self.cache, self.kernel = model, cache, kernel
-        self.merge = torch.compile(merge_splits, dynamic=True, fullgraph=True) if fuse else merge_splits
+        self.merge = fused(merge_splits) if fuse else merge_splits
         self.device = cache.device
         self.capture = capture
         self.buckets = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= max_batch)]

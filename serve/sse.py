@@ -24,16 +24,13 @@ def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
     HTTP chunk, still one SSE event per token."""
 
     async def stream() -> AsyncIterator[str]:
-        out: list[str] = []
         try:
-            async for group in _ready_groups(chunks):
-                out = [sse(c) for c in group]
-                yield "".join(out)
-                out = []
+            async for group in _ready_groups(chunks):  # a group before an error still comes whole
+                yield "".join(sse(c) for c in group)
         except APIError as e:
-            yield "".join(out) + sse(error_body(e.status, e.message, e.code))
+            yield sse(error_body(e.status, e.message, e.code))
         except Exception as e:  # noqa: BLE001 - logged with the request id, reported as an event
-            yield "".join(out) + sse(internal_error("stream", e))
+            yield sse(internal_error("stream", e))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",

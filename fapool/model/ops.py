@@ -58,11 +58,16 @@ EAGER = ElementwiseOps(rms_norm, add_rms_norm, rotary, silu_mul)
 _compiled: ElementwiseOps | None = None
 
 
+def fused(fn: Callable) -> Callable:
+    """`fn` compiled into as few kernels as it can be, for every shape (one compile, not one per
+    batch size); what every `torch_compile` path of the engine uses."""
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
 def compiled_ops() -> ElementwiseOps:
     """The same functions through torch.compile, made once per process (compiling is lazy: the
     first call of each, in the engine's warm-up, generates its kernel)."""
     global _compiled
     if _compiled is None:
-        c = lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)  # noqa: E731
-        _compiled = ElementwiseOps(c(rms_norm), c(add_rms_norm), c(rotary), c(silu_mul))
+        _compiled = ElementwiseOps(fused(rms_norm), fused(add_rms_norm), fused(rotary), fused(silu_mul))
     return _compiled

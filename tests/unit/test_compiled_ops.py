@@ -3,22 +3,22 @@ import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.attention.paged import merge_splits
-from fapool.model.ops import EAGER, compiled_ops
+from fapool.model.ops import EAGER, compiled_ops, fused
 
 
 def test_compiled_ops_equal_eager_at_every_batch_size():
-    fused, g = compiled_ops(), torch.Generator().manual_seed(0)
+    ops, g = compiled_ops(), torch.Generator().manual_seed(0)
     w = torch.randn(64, generator=g)
     for n in (1, 3, 17):  # one compiled function for every size
         x, d = torch.randn(n, 64, generator=g), torch.randn(n, 64, generator=g)
-        torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), EAGER.rms_norm(x, w, 1e-6))
-        for a, b in zip(fused.add_rms_norm(x, d, w, 1e-6), EAGER.add_rms_norm(x, d, w, 1e-6)):
+        torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), EAGER.rms_norm(x, w, 1e-6))
+        for a, b in zip(ops.add_rms_norm(x, d, w, 1e-6), EAGER.add_rms_norm(x, d, w, 1e-6)):
             torch.testing.assert_close(a, b)
         q, k = torch.randn(n, 4, 16, generator=g), torch.randn(n, 2, 16, generator=g)
         cos, sin = torch.randn(n, 1, 16, generator=g), torch.randn(n, 1, 16, generator=g)
-        for a, b in zip(fused.rotary(q, k, cos, sin), EAGER.rotary(q, k, cos, sin)):
+        for a, b in zip(ops.rotary(q, k, cos, sin), EAGER.rotary(q, k, cos, sin)):
             torch.testing.assert_close(a, b)
-        torch.testing.assert_close(fused.silu_mul(x, d), EAGER.silu_mul(x, d))
+        torch.testing.assert_close(ops.silu_mul(x, d), EAGER.silu_mul(x, d))
 
 
 def test_a_compiled_engine_gives_the_eager_engines_greedy_tokens():
@@ -26,20 +26,20 @@ def test_a_compiled_engine_gives_the_eager_engines_greedy_tokens():
     prompts = [[5, 6, 7, 8, 9], [40] * 30]
     cfg = EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=1024)
     eager = LLMEngine(cfg).generate(prompts, params)
-    fused = LLMEngine(cfg.replace(torch_compile=True)).generate(prompts, params)
-    assert [c.token_ids for c in fused] == [c.token_ids for c in eager]
-    assert all(len(c.token_ids) == 12 for c in fused)
+    got = LLMEngine(cfg.replace(torch_compile=True)).generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+    assert all(len(c.token_ids) == 12 for c in got)
 
 
 def test_compiled_split_merge_equals_eager_with_empty_chunks():
     g = torch.Generator().manual_seed(1)
-    fused = torch.compile(merge_splits, dynamic=True, fullgraph=True)
+    merge = fused(merge_splits)
     for b, s in ((1, 8), (3, 2)):
         o = torch.randn(b * s, 4, 16, generator=g)
         lse = torch.randn(4, b * s, generator=g)
         rows = torch.randint(0, 3, (b * s,), generator=g)
         rows[0] = 1  # at least one chunk with rows
-        for a, want in zip(fused(o, lse, rows, s), merge_splits(o, lse, rows, s)):
+        for a, want in zip(merge(o, lse, rows, s), merge_splits(o, lse, rows, s)):
             torch.testing.assert_close(a, want)
 
 
