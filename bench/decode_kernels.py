@@ -21,6 +21,7 @@ import torch
 from fapool.attention import available_kernels, select_kernel
 from fapool.attention.paged import PagedPlan, merge_splits, split_table
 from fapool.attention.sdpa_ops import cudnn_op
+from fapool.step_graph import splits_for
 
 SHAPES = ((8, 65536), (1, 65536), (1, 16384), (64, 1024), (64, 4096))
 PAGE = 128
@@ -48,13 +49,13 @@ def measure(batch: int, ctx: int, heads: int = 32, kv_heads: int = 32, d: int = 
     nbytes = 2 * batch * ctx * kv_heads * d * kp.element_size()
     plan = PagedPlan.build(table, [ctx] * batch, [1] * batch, PAGE, dev)
     row = {"batch": batch, "context": ctx, "bytes": nbytes, "page": PAGE}
+    splits = splits_for(batch, kv_heads, torch.cuda.get_device_properties(dev).multi_processor_count)
     for name in available_kernels(dev):
         if name == "reference":
             continue
         kernel = select_kernel(dev, name, dtype=dt)
         row[f"{name}_s"] = _time(lambda: kernel.decode_paged(q, kp, vp, plan))
-        if kernel.paged_in_graph and batch * kv_heads < 264:
-            splits = max(1, min(16, round(264 / (batch * kv_heads))))
+        if kernel.paged_in_graph and splits > 1:  # as the captured step splits this batch
             chunks, rows = split_table(table, [ctx] * batch, PAGE, splits)
             cplan = PagedPlan.build(chunks, rows.tolist(), [1] * len(rows), PAGE, dev)
             qs = q.repeat_interleave(splits, 0)
