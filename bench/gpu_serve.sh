@@ -16,6 +16,11 @@ for _ in $(seq 1 150); do
   kill -0 $server 2>/dev/null || { tail -30 "$out/serve.log"; exit 1; }
   sleep 2
 done
-python -m bench.serve --url http://127.0.0.1:8000 --ttft --stall --out "$out" --name "${NAME:-serve-${MODEL:-paper}-H200}" 2>&1 | tail -8
+name=${NAME:-serve-${MODEL:-paper}-H200}
+python -m bench.serve --url http://127.0.0.1:8000 --ttft --stall --out "$out" --name "$name" 2>&1 | tail -8
+# The same load again with the bases' step logs read around it: where the serving layer, not the
+# GPU, sets the pace (bench/steplog.py).
+python -m bench.steplog --clear && python -m bench.serve --url http://127.0.0.1:8000 --out "$out" \
+  --name "$name-again" 2>&1 | tail -2 && python -m bench.steplog --out "$out/$name-steps.json" || true
 kill -INT $server; wait $server || true
 grep -c "captured the decode step" "$out/serve.log" || true

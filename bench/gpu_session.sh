@@ -28,7 +28,9 @@ case "${1:-check}" in
     ;;
   engine)
     timeout 200 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_paged.py tests/gpu/test_gpu_kernels.py 2>&1 | tail -8
-    timeout 360 python -m bench.engine --preset paper --out "$out" 2>&1 | tail -16
+    # MODES=graph,compiled to skip eager; FAPOOL_BENCH_PROFILE=1 adds kernel tables (in engine.log).
+    timeout 360 python -m bench.engine --preset paper --modes "${MODES:-graph,compiled,eager}" --out "$out" \
+      > "$out/engine.log" 2>&1; tail -16 "$out/engine.log"
     ;;
   bench)
     timeout 560 python -m bench.run --preset paper --contexts 16384,65536 --batches 1,8 --steps 16 \
