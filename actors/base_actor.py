@@ -8,6 +8,7 @@ per-request asyncio queues (events back to the callers).
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from functools import partial
 from typing import Any, AsyncIterator
@@ -27,8 +28,15 @@ from fapool.pool.pooled_attention import PooledAttention
 from fapool.pool.transport import LOOPBACK, DataPlane
 
 
+# The engine thread releases the GIL around every torch op and takes it back after; while the
+# event loop's thread runs Python (streams, Ray calls), each take-back waits for Python's switch
+# interval (5 ms by default). A short one keeps an eager step of hundreds of ops from stretching.
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
 class BaseActor:
     def __init__(self, base_id: int, cfg: ClusterConfig) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.base_id = base_id
         self.cfg = cfg
         made: list[PooledAttention] = []

@@ -27,7 +27,9 @@ case "${1:-check}" in
     timeout 120 python -m bench.decode_kernels --out "$out"
     ;;
   engine)
-    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_paged.py tests/gpu/test_gpu_kernels.py 2>&1 | tail -8
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings --tb=short tests/gpu/test_gpu_paged.py \
+      tests/gpu/test_gpu_kernels.py > "$out/gpu-tests.log" 2>&1 || true  # the benchmark runs either way
+    tail -40 "$out/gpu-tests.log" | grep -E "^(FAILED|ERROR|E  )|passed|failed" | tail -12
     # MODES=graph,compiled to skip eager; FAPOOL_BENCH_PROFILE=1 adds kernel tables (in engine.log).
     timeout 360 python -m bench.engine --preset paper --modes "${MODES:-graph,compiled,eager}" --out "$out" \
       > "$out/engine.log" 2>&1; tail -16 "$out/engine.log"

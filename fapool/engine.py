@@ -152,7 +152,7 @@ class LLMEngine:
         eagerly, for tests on the CPU."""
         assert self.kernel is not None, "the executor has no local kernel"
         self.step_graphs = PagedDecodeGraphs(self.model, self.cache, self.kernel, self.config.max_num_seqs, capture,
-                                             fuse=self.config.torch_compile)
+                                             fuse=self.loaded.compiled)
         self.async_decode = AsyncDecode(self.step_graphs) if self.config.async_scheduling else None
 
     def _inflight(self) -> InFlight | None:

@@ -22,6 +22,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     device: torch.device
     dtype: torch.dtype
+    compiled: bool  # the elementwise chains run through torch.compile
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,10 +42,12 @@ def resolve_dtype(name: str | None, cfg: ModelConfig, device: torch.device) -> t
 
 
 def load_model(source: str, device: str = "auto", dtype: str | None = None, seed: int = 0,
-               torch_compile: bool = False) -> LoadedModel:
+               torch_compile: bool | None = None) -> LoadedModel:
     """`source` is "tiny", "paper" or a directory with config.json, *.safetensors, tokenizer.json.
-    `torch_compile` fuses the layers' elementwise chains (`fapool.model.ops`)."""
+    `torch_compile` fuses the layers' elementwise chains (`fapool.model.ops`); None: on CUDA only."""
     dev = resolve_device(device)
+    if torch_compile is None:
+        torch_compile = dev.type == "cuda"
     if source in PRESETS:
         cfg = PRESETS[source]
     else:
@@ -67,6 +70,7 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None, seed
         model.init_random(seed)
     else:
         load_weights(model, Path(source), cfg)
+    model.fuse_projections()
     model.eval()
-    return LoadedModel(cfg, model, load_tokenizer(source, cfg), dev, torch_dtype)
+    return LoadedModel(cfg, model, load_tokenizer(source, cfg), dev, torch_dtype, torch_compile)
 

@@ -46,8 +46,8 @@ class ClusterOptions(BaseModel):
     max_waiting_per_base: int = Field(256, ge=1, description="requests queued on a base before it refuses "
                                                              "more as overloaded (HTTP 429)")
     pool_wait_s: float = Field(30.0, ge=0, description="how long a long prompt waits for a growing pool")
-    torch_compile: bool = Field(False, description="fuse each layer's elementwise chains with torch.compile "
-                                                   "(CUDA: slower start, fewer kernels per step)")
+    torch_compile: bool | None = Field(None, description="fuse each layer's elementwise chains with "
+                                                          "torch.compile; default: on CUDA, off on CPU")
 
     @field_validator("model")
     @classmethod
@@ -115,7 +115,7 @@ def add_flags(p: argparse.ArgumentParser | Any, model: type[BaseModel]) -> None:
     """One flag per field of `model`, with its type, default, bounds in the model, and help."""
     for name, f in model.model_fields.items():
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-        if f.annotation is bool:  # --foo / --no-foo
+        if f.annotation in (bool, bool | None):  # --foo / --no-foo (neither: None, the default)
             p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.description)
             continue

@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fapool.config import ModelConfig
 from fapool.model.ops import EAGER, ElementwiseOps
@@ -25,8 +26,26 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, delta, self.weight, self.eps)
 
 
+Fused = tuple[torch.Tensor, "torch.Tensor | None"]  # (weight, bias) of several Linears stacked
+
+
+def fuse_linears(*linears: nn.Linear) -> Fused:
+    """One weight (and bias) with the rows of `linears` in order; each Linear's own parameters
+    become views into it (no second copy in memory; loading by name still fills them)."""
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row : row + n]
+        if bias is not None:
+            lin.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one matmul."""
 
     def __init__(self, cfg: ModelConfig, ops: ElementwiseOps = EAGER) -> None:
         super().__init__()
@@ -35,9 +54,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.ops = ops
+        self.fused: Fused | None = None  # set by `LlamaForCausalLM.fuse_projections` once loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        assert self.fused is not None, "call fuse_projections() after loading the weights"
+        gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
+        return self.down_proj(self.ops.silu_mul(gate, up))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

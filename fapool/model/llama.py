@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fapool.config import ModelConfig
-from fapool.model.layers import MLP, RMSNorm, Rotary
+from fapool.model.layers import MLP, Fused, RMSNorm, Rotary, fuse_linears
 from fapool.model.ops import EAGER, ElementwiseOps
 
 if TYPE_CHECKING:
@@ -34,14 +35,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        self.fused: Fused | None = None  # set by `LlamaForCausalLM.fuse_projections` once loaded
 
     def qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.shape[0]  # x: (N, hidden)
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        assert self.fused is not None, "call fuse_projections() after loading the weights"
+        q, k, v = F.linear(x, *self.fused).split(self.sizes, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
+        k = k.view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         q, k = self.ops.rotary(q, k, cos, sin)
         return q, k, v
 
@@ -103,6 +108,17 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
         return self.model.norm(x)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """After the weights are loaded: each layer's q, k, v projections become one matmul, as do
+        the MLP's gate and up (fewer, larger GEMMs: a decode step reads the same bytes in fewer
+        launches). The per-projection parameters become views into the fused weights, so their
+        names, the state dict and the memory stay as they were."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.fused = fuse_linears(a.q_proj, a.k_proj, a.v_proj)
+            m.fused = fuse_linears(m.gate_proj, m.up_proj)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

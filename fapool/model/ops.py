@@ -61,7 +61,8 @@ _compiled: ElementwiseOps | None = None
 def fused(fn: Callable) -> Callable:
     """`fn` compiled into as few kernels as it can be, for every shape (one compile, not one per
     batch size); what every `torch_compile` path of the engine uses."""
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    # Rounded where eager rounds (bf16 between ops), so compiled and eager steps agree.
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def compiled_ops() -> ElementwiseOps:

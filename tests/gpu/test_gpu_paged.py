@@ -86,18 +86,30 @@ def test_captured_step_equals_eager_step():
 
 
 def test_compiled_step_equals_captured_step():
-    """torch.compile's fused elementwise chains inside the captured step: the same greedy tokens
-    (bf16 reductions may round differently: a late flip is allowed, an early one is not)."""
+    """torch.compile's fused elementwise chains inside the captured step give the plain step's
+    logits, step by step (bf16 tolerance). Greedy tokens may differ only where the plain step's
+    top two logits were a near tie; from there on the two runs see different inputs."""
     needs_paged_kernel()
-    cfg = dict(model="paper", device="cuda", kv_capacity_tokens=200_000, max_model_len=32768, max_num_seqs=16)
-    plain = LLMEngine(EngineConfig(**cfg))
-    fused = LLMEngine(EngineConfig(**cfg, torch_compile=True))
+    cfg = dict(model="paper", device="cuda", kv_capacity_tokens=200_000, max_model_len=32768, max_num_seqs=16,
+               async_scheduling=False)  # every decode step's logits reach the host
+    engines = [LLMEngine(EngineConfig(**cfg, torch_compile=c)) for c in (False, True)]
+    logits: list[list[torch.Tensor]] = [[], []]
+    for e, rec in zip(engines, logits):
+        run = e.step_graphs.run
+        e.step_graphs.run = lambda *a, _run=run, _rec=rec: _rec.append(_run(*a).clone()) or _rec[-1]
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(300, 30000, (n,), generator=g).tolist() for n in (5, 700, 3000, 130)]
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    got = [c.token_ids for c in fused.generate(prompts, sp)]
-    want = [c.token_ids for c in plain.generate(prompts, sp)]
-    assert fused.step_graphs is not None and fused.step_graphs._sets
-    for a, b in zip(got, want):
-        assert a[:6] == b[:6]
-    assert sum(a == b for a, b in zip(got, want)) >= len(prompts) - 1, (got, want)
+    for e in engines:
+        e.generate(prompts, sp)
+    assert len(logits[0]) >= 10 and len(logits[0]) == len(logits[1])  # the captured steps really ran
+    # Both engines schedule alike (same lengths), so step i has the same rows in both; their inputs
+    # stay the same until a greedy token differs.
+    for a, b in zip(*logits):
+        scale = a.abs().max().item()
+        torch.testing.assert_close(b, a, rtol=0, atol=0.05 * scale)
+        differ = a.argmax(-1) != b.argmax(-1)
+        if differ.any():
+            top = a[differ].topk(2, dim=-1).values
+            assert (top[:, 0] - top[:, 1]).max().item() < 0.05 * scale  # only a near tie may flip
+            break
