@@ -208,10 +208,14 @@ class PooledAttention(AttentionExecutor):
         if self._broken:
             reason, self._broken = self._broken, None
             raise PoolFailure(reason)
+        if not any(s.seq_id in self.pooled for s in batch.slices):
+            # All local: the local executor's step, whose plan is made at the first `attend` (a
+            # captured decode step never needs one; making it anyway costs the host a blocking copy).
+            self._step, self._step_pooled = None, 0
+            self.local.begin_step(batch)
+            return
         step = self._step = plan_step(batch, self.pooled, self._spec, self.local, self.cfg, self.plane)
         self._step_pooled = len(step.pooled_idx)
-        if not step.pooled_idx:
-            return
         plane = self.plane
         if step.prefill is not None:
             op, body = OP_PREFILL, encode_prefill(list(step.prefill.items))
@@ -221,7 +225,8 @@ class PooledAttention(AttentionExecutor):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         step = self._step
-        assert step is not None, "attend() outside begin_step/end_step"
+        if step is None:
+            return self.local.attend(layer, q, k, v)
         out = torch.empty_like(q)
         pending = None
         if step.prefill is not None:
@@ -239,7 +244,9 @@ class PooledAttention(AttentionExecutor):
 
     def end_step(self) -> None:
         step = self._step
-        assert step is not None
+        if step is None:
+            self.local.end_step()
+            return
         for i, s in enumerate(step.batch.slices):
             slab = self.cache.get(s.seq_id)
             if s.seq_id not in self.pooled:

@@ -77,7 +77,7 @@ def plan_step(batch: StepBatch, pooled: dict[str, PooledSeq], spec: EpochSpec, l
     local_plan = local.rows_plan([s.seq_id for s in mine], [s.start for s in mine],
                                  [s.end for s in mine]) if mine else None
     local_rows = torch.tensor([t for i in local_idx for t in range(offs[i], offs[i + 1])],
-                              dtype=torch.long).to(dev)
+                              dtype=torch.long).to(dev, non_blocking=True)
     step = PooledStep(batch, tuple(offs), pooled_idx, local_idx, local_plan, local_rows)
     if not pooled_idx:
         return step
