@@ -64,7 +64,7 @@ class DecodeGraphs:
         gs.pos[:n].copy_(positions)
         gs.graphs[0].replay()
         for layer in range(len(self.model.model.layers)):
-            gs.o.copy_(attend(layer, gs.q, gs.k, gs.v))
+            gs.o[:n].copy_(attend(layer, gs.q[:n], gs.k[:n], gs.v[:n]))  # padding rows: no attention
             gs.graphs[layer + 1].replay()
         return gs.hidden[:n]
 
@@ -72,8 +72,9 @@ class DecodeGraphs:
         m = self.model.model
         layers = m.layers
 
-        def write_qkv(layer_idx: int) -> None:
-            q, k, v = layers[layer_idx].pre_attention(gs.x, gs.cos, gs.sin)
+        def write_qkv(layer_idx: int, delta: torch.Tensor | None) -> None:
+            x, q, k, v = layers[layer_idx].pre_attention(gs.x, delta, gs.cos, gs.sin)
+            gs.x.copy_(x)
             gs.q.copy_(q)
             gs.k.copy_(k)
             gs.v.copy_(v)
@@ -83,17 +84,17 @@ class DecodeGraphs:
             cos, sin = m.rotary.cos_sin(gs.pos, self.dtype)
             gs.cos.copy_(cos)
             gs.sin.copy_(sin)
-            write_qkv(0)
+            write_qkv(0, None)
 
         def middle(layer_idx: int) -> Callable[[], None]:
             def seg() -> None:
-                gs.x.copy_(layers[layer_idx - 1].post_attention(gs.x, gs.o))
-                write_qkv(layer_idx)
+                x, delta = layers[layer_idx - 1].post_attention(gs.x, gs.o)
+                gs.x.copy_(x)
+                write_qkv(layer_idx, delta)  # the add of delta happens in this segment
             return seg
 
         def last() -> None:
-            gs.x.copy_(layers[-1].post_attention(gs.x, gs.o))
-            gs.hidden.copy_(m.norm(gs.x))
+            gs.hidden.copy_(m.final_norm(*layers[-1].post_attention(gs.x, gs.o)))
 
         return [first, *(middle(i) for i in range(1, len(layers))), last]
 

@@ -119,10 +119,10 @@ class PagedDecodeGraphs:
     def _forward(self, buf: StepBuffers) -> None:
         m, c = self.model.model, self.cache
         ids = torch.where(buf.src >= 0, self.prev[buf.src.clamp(min=0)], buf.ids)
-        x = m.embed_tokens(ids)
+        x, delta = m.embed_tokens(ids), None
         cos, sin = m.rotary.cos_sin(buf.pos, x.dtype)
         for i, layer in enumerate(m.layers):
-            q, k, v = layer.pre_attention(x, cos, sin)
+            x, q, k, v = layer.pre_attention(x, delta, cos, sin)
             c.write(i, buf.slots, k, v)
             k_pages, v_pages = c.pages_view(i)
             if buf.splits == 1:
@@ -131,8 +131,8 @@ class PagedDecodeGraphs:
                 o, lse = self.kernel.paged_decode(q.repeat_interleave(buf.splits, 0), k_pages, v_pages,
                                                   buf.table, buf.rows)
                 o, _ = self.merge(o, lse, buf.rows, buf.splits)
-            x = layer.post_attention(x, o)
-        buf.logits.copy_(self.model.logits(m.norm(x)))
+            x, delta = layer.post_attention(x, o)
+        buf.logits.copy_(self.model.logits(m.final_norm(x, delta)))
         self.prev[: len(ids)].copy_(buf.logits.argmax(dim=-1))
 
     @torch.inference_mode()

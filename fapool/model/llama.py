@@ -59,21 +59,26 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
+    # The residual stream travels between layers as (x, delta): the previous layer's MLP output
+    # is added here, in the same kernel as this layer's norm (when compiled), not on its own.
     def pre_attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything of the layer before attention: (N, hidden) -> q, k, v."""
-        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything of the layer before attention: the stream (N, hidden) -> (stream, q, k, v)."""
+        x, h = (x, self.input_layernorm(x)) if delta is None else self.input_layernorm.add_forward(x, delta)
+        return (x, *self.self_attn.qkv(h, cos, sin))
 
-    def post_attention(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """Everything after attention: the residual stream x and attention output o (N, Hq, D)."""
+    def post_attention(self, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after attention, given the stream x and attention output o (N, Hq, D):
+        (stream, delta), the MLP's output `delta` not yet added."""
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn.o_proj(o.reshape(x.shape[0], -1)))
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionExecutor
-    ) -> torch.Tensor:
-        q, k, v = self.pre_attention(x, cos, sin)
+        self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        attn: AttentionExecutor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, q, k, v = self.pre_attention(x, delta, cos, sin)
         return self.post_attention(x, attn.attend(self.self_attn.layer_idx, q, k, v))
 
 
@@ -86,6 +91,10 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, ops) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.rotary = Rotary(cfg)
+
+    def final_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's MLP output added to the stream, and the final norm."""
+        return self.norm(x) if delta is None else self.norm.add_forward(x, delta)[1]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -103,11 +112,11 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionExecutor
     ) -> torch.Tensor:
         """input_ids, positions: (N,) for all sequences of the step, concatenated. Returns (N, hidden)."""
-        x = self.model.embed_tokens(input_ids)
+        x, delta = self.model.embed_tokens(input_ids), None
         cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x, delta = layer(x, delta, cos, sin, attn)
+        return self.model.final_norm(x, delta)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
