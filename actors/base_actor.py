@@ -18,7 +18,7 @@ import ray
 from actors.config import ClusterConfig
 from actors.engine_thread import EngineThread
 from actors.messages import BaseStats, GenerateRequest, StepRecord, TokenEvent
-from actors.streams import Streams, drain
+from actors.streams import Streams, drain, drain_all
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
@@ -54,6 +54,8 @@ class BaseActor:
         self.node_ip = ray.util.get_node_ip_address()
         self.incarnation = uuid.uuid4().hex  # a restarted actor answers `ping` with a new one
         self._streams = Streams()
+        self._feeds: dict[str, tuple[asyncio.Queue, set[str]]] = {}  # feed id: its events, its requests
+        self._ended_feeds: set[str] = set()
         self._pending_epoch: tuple[EpochSpec, Any, str] | None = None
         self._engine = EngineThread(base_id, cfg, self.engine, self.executor, self._streams)
 
@@ -96,6 +98,44 @@ class BaseActor:
             self._streams.close(rid)
             if not finished:  # the caller went away: free its KV now
                 self._engine.post(partial(self._engine.abort, rid))
+
+    async def feed(self, feed_id: str) -> AsyncIterator[tuple[TokenEvent, ...]]:
+        """One client's stream of all the requests it `submit`s with this id (`actors/feeds.py`):
+        each item is every event that came since the last, of all those requests, in step order.
+        When the client goes away, its requests still running are aborted."""
+        events, live = self._feed(feed_id)
+        try:
+            while True:
+                batch = drain_all(await events.get(), events)
+                for ev in batch:
+                    if ev.finish_reason is not None:
+                        live.discard(ev.request_id)
+                        self._streams.close(ev.request_id)
+                yield batch
+        finally:
+            self._feeds.pop(feed_id, None)
+            self._ended_feeds.add(feed_id)
+            for rid in live:
+                self._streams.close(rid)
+                self._engine.post(partial(self._engine.abort, rid))
+
+    async def submit(self, feed_id: str, req: GenerateRequest) -> None:
+        """Start a request whose events go to feed `feed_id`."""
+        rid = req.request_id
+        if feed_id in self._ended_feeds:  # its client is gone: nobody would read the tokens
+            return
+        events, live = self._feed(feed_id)
+        if rid in self._streams:
+            events.put_nowait(TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
+                                         error_type=ErrorType.INVALID_REQUEST))
+            return
+        self._streams.attach(rid, events)
+        live.add(rid)
+        self._engine.post(partial(self._engine.add, req))
+
+    def _feed(self, feed_id: str) -> tuple[asyncio.Queue, set[str]]:
+        # Whichever of `feed` and the first `submit` runs first makes it.
+        return self._feeds.setdefault(feed_id, (asyncio.Queue(), set()))
 
     async def abort(self, request_id: str) -> None:
         self._engine.post(partial(self._engine.abort, request_id))

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Iterator
 import ray
 
 from actors.config import NAMESPACE, ClusterConfig
+from actors.feeds import Feed
 from actors.messages import GenerateRequest, PoolStatus, TokenEvent
 from actors.supervisor import Supervisor, is_base_name
 from fapool.errors import ErrorType, RequestError
@@ -60,6 +61,7 @@ class Cluster:
         self._inflight = [0] * len(self.bases)  # this client's requests per base
         self._next = 0
         self._lock = threading.Lock()  # `generate` may be called from many threads (the batch job)
+        self._feeds: dict[int, Feed] = {}
 
     @classmethod
     def start(cls, cfg: ClusterConfig, address: str | None = None, *, name: str | None = None,
@@ -133,6 +135,14 @@ class Cluster:
             with self._lock:
                 self._inflight[b] -= 1
 
+    def feed(self, b: int) -> Feed:
+        """This process's feed to base `b` (all its streamed requests there in one Ray stream); a
+        new one after the last one failed or the base was created again. Use from one event loop."""
+        f = self._feeds.get(b)
+        if f is None or not f.alive or f.base is not self.bases[b]:
+            f = self._feeds[b] = Feed(self.bases[b])
+        return f
+
     def submit(self, req: GenerateRequest, base: Any = None):
         """Start a request on `base` (default: `pick_base`'s); returns Ray's streaming generator
         of refs to `TokenEvent` tuples."""
@@ -177,6 +187,8 @@ class Cluster:
     def shutdown(self) -> None:
         """Stop the cluster this process started (members, controller, bases); a joined
         cluster is left running."""
+        for f in self._feeds.values():
+            f.shutdown()
         if self.supervisor is None:
             return
         self.supervisor.shutdown()

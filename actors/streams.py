@@ -17,6 +17,14 @@ def drain(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
     return tuple(batch)
 
 
+def drain_all(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
+    """The event just awaited plus every one already waiting (a feed's item: many requests)."""
+    batch = [ev]
+    while not events.empty():
+        batch.append(events.get_nowait())
+    return tuple(batch)
+
+
 def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
     for events, ev in items:
         events.put_nowait(ev)
@@ -40,6 +48,10 @@ class Streams:
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._by_id[rid] = (asyncio.get_running_loop(), events)
         return events
+
+    def attach(self, rid: str, events: asyncio.Queue) -> None:
+        """Route the request's events to `events` (a feed's queue, shared by many requests)."""
+        self._by_id[rid] = (asyncio.get_running_loop(), events)
 
     def close(self, rid: str) -> None:
         self._by_id.pop(rid, None)

@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,8 +135,9 @@ def markdown(path: Path) -> str:
              f"- card: **{r['device']}** x 1; paged kernel `{pr['kernel']}`; torch {r['torch']}, python {r['python']}",
              f"- probe: copy {pr['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {pr['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
              f"- command: `{r.get('command', 'python -m bench.engine')}`; date {r.get('date', '?')}; code {r['commit']}",
-             "- floor: (weights a step reads + every KV byte) / the measured copy rate. `graph`: the whole decode "
-             "step in one CUDA graph; `compiled`: the same with the elementwise chains fused by torch.compile; "
+             "- floor: (weights a step reads + every KV row the steps read, prompt and tokens so far) / the "
+             "measured copy rate. `graph`: the whole decode step in one CUDA graph, elementwise ops eager; "
+             "`compiled`: the same with the elementwise chains fused by torch.compile (the default on CUDA); "
              "`eager`: the same paged kernel launched eagerly (side by side, same process).",
              "", "| mode | context x batch | TPOT ms | floor ms | x floor | host ms before replay/launch end |",
              "|---|---|---|---|---|---|"]
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(c for c, _ in points) + args.steps + 16
     result = {"preset": args.preset, "device": pr["device"], "probe": pr, "points": [], "ttft": {}, "stall": None,
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "python": platform.python_version(), "torch": torch.__version__}
+              "python": platform.python_version(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.engine", *(argv or sys.argv[1:])])}
     for k, mode in enumerate(args.modes.split(",")):
         ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode != "eager"),
                           torch_compile=(mode == "compiled"), max_num_seqs=64,

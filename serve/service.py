@@ -48,8 +48,9 @@ class InferenceService:
         # The first request through a base pays Ray's streaming set-up and the engine's first
         # request: pay it here, before /ready says yes, so the first client does not.
         warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        for base in self.bases:
+        for b, base in enumerate(self.bases):
             self.cluster.generate(None, warm, prompt_token_ids=[1], base=base)
+            self.cluster.feed(b)  # the Ray stream that will carry this replica's requests, opened now
         model = cfg.engine.model
         self.model_name = model if model in PRESETS else model.rstrip("/").split("/")[-1]
         model_cfg = PRESETS[model] if model in PRESETS else load_model_config(model)
@@ -111,74 +112,76 @@ class InferenceService:
             raise APIError(503, "no base actor can generate right now (restarting); retry shortly",
                            "base_unavailable", headers={"Retry-After": "1"})
         with self.cluster.using(b) as base:
-            gen = self.cluster.submit(req, base)
+            feed = self.cluster.feed(b)
+            events = feed.open(req)
             t0 = time.monotonic()
             first_s = last_s = None
             done, reason = False, "abort"  # a stream left before its end: the client went away
             try:
                 while True:
-                    batch = await self._next_batch(gen, t0)
-                    for ev in batch:
-                        if ev.finish_reason == "error":
-                            done = True
-                            # A refused request (bad value, full queue) never ran: not a finished one.
-                            reason = "error" if ErrorType.of(ev.error_type) is ErrorType.INTERNAL else ""
-                            raise _to_api_error(ev)
-                        now = time.monotonic()
-                        if ev.token_ids:
-                            first_s = first_s or now
-                            last_s = now
-                        done = ev.finish_reason is not None
-                        if done:
-                            reason = ev.finish_reason
-                            tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
-                            self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
-                                                         ev.prompt_tokens, ev.completion_tokens, ev.queue_s)
-                        yield ev
-                        if done:
-                            return
+                    ev = await self._next_event(events, t0)
+                    if ev.finish_reason == "error":
+                        done = True
+                        # A refused request (bad value, full queue) never ran: not a finished one.
+                        reason = "error" if ErrorType.of(ev.error_type) is ErrorType.INTERNAL else ""
+                        raise _to_api_error(ev)
+                    now = time.monotonic()
+                    if ev.token_ids:
+                        first_s = first_s or now
+                        last_s = now
+                    done = ev.finish_reason is not None
+                    if done:
+                        reason = ev.finish_reason
+                        tpot = (last_s - first_s) / (ev.completion_tokens - 1) if ev.completion_tokens > 1 else None
+                        self.metrics.observe_request(first_s - t0 if first_s else None, tpot, now - t0,
+                                                     ev.prompt_tokens, ev.completion_tokens, ev.queue_s)
+                    yield ev
+                    if done:
+                        return
             except APIError as e:
                 # Cut short by the server (timeout, drain) is an abort; a base lost under it, an error.
                 reason = reason if done else ("abort" if e.status == 504 or self.draining() else "error")
                 raise
             finally:
+                feed.close(req.request_id)
                 if reason:
                     self.metrics.observe_finish(reason)
                 if not done:  # the client went away, timed out or the server drains: free the KV now
                     try:
                         base.abort.remote(req.request_id)
-                        ray.cancel(gen)
-                    except Exception:  # noqa: BLE001 - already finished, or the base is gone
+                    except Exception:  # noqa: BLE001 - the base is gone
                         pass
 
-    async def _next_batch(self, gen: Any, t0: float) -> tuple[TokenEvent, ...]:
-        """The next item of a base's stream, or the error a client should see: 503 when the base
-        died (at once) or the server's drain deadline passed, 504 past the request timeout."""
-        nxt = asyncio.ensure_future(gen.__anext__())
+    async def _next_event(self, events: asyncio.Queue, t0: float) -> TokenEvent:
+        """The request's next event from its feed, or the error a client should see: 503 when the
+        base died (at once) or the server's drain deadline passed, 504 past the request timeout."""
         try:
+            item = events.get_nowait()  # a step's events arrive together: most are already here
+        except asyncio.QueueEmpty:
             while True:
                 # Wake at least every second: a drain can begin while a long prefill runs.
                 wait_s = min(t0 + self.limits.request_timeout_s - time.monotonic(), 1.0)
                 if (end := self.supervisor.drain_deadline_s) is not None:
                     wait_s = min(wait_s, end - time.time())
-                done, _ = await asyncio.wait({nxt}, timeout=max(wait_s, 0.0))
-                if done:
-                    return await nxt.result()
+                try:
+                    item = await asyncio.wait_for(events.get(), timeout=max(wait_s, 0.0))
+                    break
+                except asyncio.TimeoutError:
+                    pass
                 if time.monotonic() >= t0 + self.limits.request_timeout_s:
                     raise APIError(504, f"the request took longer than {self.limits.request_timeout_s:.0f}s",
                                    "timeout")
                 if (end := self.supervisor.drain_deadline_s) is not None and time.time() >= end:
                     raise APIError(503, "the server shut down before this request finished; retry it",
                                    "shutting_down")
-        except StopAsyncIteration:
-            raise APIError(500, "the base actor ended the stream early", "internal") from None
-        except ray.exceptions.RayActorError as e:
-            log.warning("a base actor died under a request: %s", e)
+        if isinstance(item, ray.exceptions.RayActorError):
+            log.warning("a base actor died under a request: %s", item)
             raise APIError(503, "the base actor serving this request died; retry it", "base_unavailable",
-                           headers={"Retry-After": "1"}) from None
-        finally:
-            if not nxt.done():
-                nxt.cancel()
+                           headers={"Retry-After": "1"})
+        if isinstance(item, BaseException):
+            log.warning("a base's feed ended under a request: %r", item)
+            raise APIError(500, "the base actor ended the stream early", "internal")
+        return item
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -25,18 +25,29 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, *flags: str, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        for attempt in range(3):
+            self._start(flags)
+            try:
+                self._wait_ready()
+                return
+            except RuntimeError:
+                # The free port can be taken (by one of Ray's own processes) before the server
+                # binds it: then, and only then, try another.
+                if attempt == 2 or "Failed to bind to address" not in Path(self.log.name).read_text(errors="replace"):
+                    raise
+
+    def _start(self, flags: tuple[str, ...]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS", None)
         self.log = open(f"/tmp/fapool-serve-{self.port}.log", "w")
         args = [str(FAPOOL), "serve", "--port", str(self.port), "--device", "cpu", *flags]
-        if api_key:
-            args += ["--api-key", api_key]
+        if self.api_key:
+            args += ["--api-key", self.api_key]
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self._wait_ready()
 
     @property
     def headers(self) -> dict[str, str]:
