@@ -3,7 +3,8 @@
 Ray calls (requests, aborts, epoch changes) run on the actor's asyncio loop; the engine runs on
 its own thread (`actors/engine_thread.py`), so a long step never blocks a call. The two meet in
 the thread's command queue (closures over the executor's methods, run between steps) and
-per-request asyncio queues (events back to the callers).
+asyncio queues of events back to the callers: one per request (`generate`), or one per client
+for all its requests (`feed` and `submit`, `actors/feeds.py`: what the HTTP ingress uses).
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from fapool.pool.pooled_attention import PooledAttention
 from fapool.pool.transport import LOOPBACK, DataPlane
 
 
-# The engine thread releases the GIL around every torch op and takes it back after; while the
-# event loop's thread runs Python (streams, Ray calls), each take-back waits for Python's switch
-# interval (5 ms by default). A short one keeps an eager step of hundreds of ops from stretching.
+# The engine thread releases the GIL around torch ops and takes it back after; while the event
+# loop's thread runs Python (streams, Ray calls), a take-back can wait up to Python's switch
+# interval (5 ms by default). A short one bounds that wait for an eager step of hundreds of ops.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
