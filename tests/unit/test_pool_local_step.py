@@ -1,7 +1,8 @@
 """A base's step with no pooled sequence is the local executor's own step: no plan is made before
 attention runs, so a step replayed from a CUDA graph (no `attend` at all) makes none. Before, every
 step built one, with a blocking host-to-device copy that waited for the GPU and undid async
-scheduling (measured on an H200: 64-sequence decode steps at 5.05 ms between steps, 2.06 after)."""
+scheduling (on an H200 under HTTP load, 64-sequence decode steps went from 5.10 to 4.34 ms with
+this fix and the fused residual add together; the rest of the gap was the per-request streams)."""
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.attention import select_kernel
 from fapool.policy import PolicyConfig, PoolCurve
