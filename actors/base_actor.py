@@ -19,7 +19,7 @@ import ray
 from actors.config import ClusterConfig
 from actors.engine_thread import EngineThread
 from actors.messages import BaseStats, GenerateRequest, StepRecord, TokenEvent
-from actors.streams import Streams, drain, drain_all
+from actors.streams import Streams, drain
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
@@ -107,7 +107,7 @@ class BaseActor:
         events, live = self._feed(feed_id)
         try:
             while True:
-                batch = drain_all(await events.get(), events)
+                batch = drain(await events.get(), events, stop_at_finish=False)
                 for ev in batch:
                     if ev.finish_reason is not None:
                         live.discard(ev.request_id)

@@ -7,20 +7,13 @@ from actors.messages import TokenEvent
 from fapool.sequence import RequestOutput
 
 
-def drain(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
+def drain(ev: TokenEvent, events: asyncio.Queue, stop_at_finish: bool = True) -> tuple[TokenEvent, ...]:
     """The event just awaited plus those already waiting: when the engine runs ahead of the caller,
     one Ray streaming item carries several steps instead of costing a round each. Each event stays
-    one engine step (at most one token), so the ingress can still stream one event per token."""
+    one engine step (at most one token), so the ingress can still stream one event per token. One
+    request's queue is read up to its finish; a feed's (many requests) with `stop_at_finish=False`."""
     batch = [ev]
-    while batch[-1].finish_reason is None and not events.empty():
-        batch.append(events.get_nowait())
-    return tuple(batch)
-
-
-def drain_all(ev: TokenEvent, events: asyncio.Queue) -> tuple[TokenEvent, ...]:
-    """The event just awaited plus every one already waiting (a feed's item: many requests)."""
-    batch = [ev]
-    while not events.empty():
+    while not (stop_at_finish and batch[-1].finish_reason is not None) and not events.empty():
         batch.append(events.get_nowait())
     return tuple(batch)
 
@@ -46,7 +39,7 @@ class Streams:
     def open(self, rid: str) -> asyncio.Queue:
         """The request's queue, on the caller's event loop; `close` it when the stream ends."""
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._by_id[rid] = (asyncio.get_running_loop(), events)
+        self.attach(rid, events)
         return events
 
     def attach(self, rid: str, events: asyncio.Queue) -> None:

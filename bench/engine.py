@@ -63,18 +63,12 @@ def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: 
         assert engine.last_batch.kind == "decode" and len(engine.last_batch.slices) == batch
         kv.append(statistics.mean(s.end for s in engine.last_batch.slices))
     if os.environ.get("FAPOOL_BENCH_PROFILE"):
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
-            for _ in range(4):
-                engine.step()
-        print(f"--- {context}x{batch}, 4 steps ---")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+        profiled(lambda: [engine.step() for _ in range(4)], f"{context}x{batch}, 4 steps", kernels=True)
     for r in rids:
         engine.abort(r)
     # The floor counts the KV rows the steps really read (the prompt plus the tokens decoded so far).
-    return {"context": context, "batch": batch, "kv_rows": round(statistics.mean(kv)), "tpot_ms": 1e3 * statistics.median(times),
-            "tpot_p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))], "host_launch_ms": 1e3 * statistics.median(launch)}
+    return {"context": context, "batch": batch, "kv_rows": round(statistics.mean(kv)),
+            "tpot_ms": 1e3 * statistics.median(times), "tpot_p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))], "host_launch_ms": 1e3 * statistics.median(launch)}
 
 
 def ttft(engine: LLMEngine, n: int, seed: int) -> float:
@@ -86,16 +80,22 @@ def ttft(engine: LLMEngine, n: int, seed: int) -> float:
     return time.perf_counter() - t0
 
 
-def profiled(fn, what: str):
-    """`fn()`, under the profiler (host and device) with FAPOOL_BENCH_PROFILE set."""
+def profiled(fn, what: str, kernels: bool = False):
+    """`fn()`, under the profiler with FAPOOL_BENCH_PROFILE set: host and device ops by host time,
+    or with `kernels` the device's kernels alone by their time (a captured step's, too)."""
     if not os.environ.get("FAPOOL_BENCH_PROFILE"):
         return fn()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    if kernels:
+        activities = [ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]
+    else:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         out = fn()
     print(f"--- {what} ---")
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total" if kernels else "cpu_time_total",
+                                    row_limit=14 if kernels else 20, max_name_column_width=70))
     return out
 
 

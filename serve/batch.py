@@ -8,7 +8,8 @@ of several nodes a local path must be on a filesystem every node mounts. A relat
 refused: under `ray job submit --working-dir` the job runs in a copy of the working directory
 inside Ray's cache, where a relative path would silently land. The output directory is created
 if needed; the `*.json` files of an earlier run there are replaced (a local directory that holds
-anything else is refused). An output URI must not exist yet: remote data is never replaced. Where the output went is printed at the end, and is `output` in the summary.
+anything else is refused). An output URI must not exist yet: remote data is never replaced.
+Where the output went is printed at the end, and is `output` in the summary.
 
 Input lines: the body of `POST /generate` (`{"prompt": str}` or `{"prompt_token_ids": [int]}`,
 `max_tokens` (64), `temperature`, `top_p`, `top_k`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`,
