@@ -80,6 +80,36 @@ def ttft(engine: LLMEngine, n: int, seed: int) -> float:
     return time.perf_counter() - t0
 
 
+def load(engine: LLMEngine, concurrency: int, requests: int, prompt: int, max_tokens: int, seed: int) -> dict:
+    """bench.serve's load without HTTP or Ray: `concurrency` requests in flight, a new one added
+    as soon as one finishes (new prompts each), until `requests` have run. What the engine alone
+    sustains: the ceiling of the HTTP figure. Per step kind: steps, median wall, tokens a step."""
+    vocab = engine.loaded.config.vocab_size
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [ids(prompt, seed + i, vocab) for i in range(requests)]
+    kinds: dict[str, list[tuple[float, int]]] = {}
+    live, sent, out = set(), 0, 0
+    t0 = time.perf_counter()
+    while sent < requests or live:
+        while sent < requests and len(live) < concurrency:
+            live.add(engine.add_request(None, sp, prompt_token_ids=prompts[sent]))
+            sent += 1
+        s0 = time.perf_counter()
+        outs = engine.step()
+        if engine.last_batch is not None:
+            kinds.setdefault(engine.last_batch.kind, []).append((time.perf_counter() - s0, engine.last_batch.num_tokens))
+        for o in outs:
+            out += len(o.new_token_ids)
+            if o.finished:
+                live.discard(o.request_id)
+    wall = time.perf_counter() - t0
+    steps = {k: {"steps": len(v), "wall_ms": 1e3 * statistics.median(w for w, _ in v),
+                 "tokens": statistics.median(n for _, n in v), "time_share": sum(w for w, _ in v) / wall}
+             for k, v in kinds.items()}
+    return {"concurrency": concurrency, "requests": requests, "prompt_tokens": prompt, "max_tokens": max_tokens,
+            "wall_s": wall, "output_tokens_per_s": out / wall, "steps": steps}
+
+
 def profiled(fn, what: str, kernels: bool = False):
     """`fn()`, under the profiler with FAPOOL_BENCH_PROFILE set: host and device ops by host time,
     or with `kernels` the device's kernels alone by their time (a captured step's, too)."""
@@ -171,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--modes", default="graph,compiled,eager", help="graph | compiled (graph + torch.compile) | eager")
     p.add_argument("--no-stall", action="store_true")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode points (serving behaviour only)")
+    p.add_argument("--no-load", action="store_true", help="skip the in-engine load (bench.serve's, without HTTP)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--name", default=None)
     p.add_argument("--render", type=Path, default=None, help="write this result's section into --doc and stop")
@@ -185,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"probe: {pr}", flush=True)
     points = POINTS["cuda" if dev == "cuda" else "cpu"]
     longest = max(c for c, _ in points) + args.steps + 16
-    result = {"preset": args.preset, "device": pr["device"], "probe": pr, "points": [], "ttft": {}, "stall": None,
+    result = {"preset": args.preset, "device": pr["device"], "probe": pr, "points": [], "ttft": {}, "stall": None, "load": None,
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "python": platform.python_version(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.engine", *(argv or sys.argv[1:])])}
@@ -200,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         n = 2000 if dev == "cuda" else 200
         if k == 0:  # the first request after warm-up, before anything else ran
             first = profiled(lambda: ttft(engine, n, 7), "first request after warm-up")
-        for i, (ctx, b) in enumerate(points):
+        for i, (ctx, b) in enumerate([] if args.no_decode else points):
             r = decode_point(engine, ctx, b, args.steps, seed=100 * i)
             r["mode"] = mode
             r["floor_ms"] = 1e3 * decode_floor_s(cfg, r["kv_rows"], b, 0, 2 if dev == "cuda" else 4, pr["copy_bytes_per_s"])
@@ -214,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             result["ttft"] = {"tokens": n, "first_ms": 1e3 * first, "repeated_ms": [1e3 * t for t in repeated],
                               "new_length_ms": [1e3 * t for t in new]}
             print(json.dumps(result["ttft"]), flush=True)
+            if not args.no_load:
+                c, reqs, n_in, n_out = (64, 128, 1000, 128) if dev == "cuda" else (8, 16, 100, 16)
+                load(engine, c, 8, n_in, n_out, seed=300)  # warm: the first batch's sizes
+                result["load"] = load(engine, c, reqs, n_in, n_out, seed=400)
+                print(json.dumps(result["load"]), flush=True)
+                # Host and device time of prompt-chunk steps beside decodes (the load's first half).
+                profiled(lambda: load(engine, c, c, n_in, 8, seed=500), f"{c} prompts of {n_in} tokens, 8 out")
             if not args.no_stall:
                 long_ctx = 120000 if dev == "cuda" else 1500
                 result["stall"] = stall(engine, 8, 2000 if dev == "cuda" else 100, long_ctx, seed=5)
@@ -236,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         s = result["stall"]
         print(f"stall: {s['streams']} streams, {s['long_context']}-token prompt: max gap {s['max_gap_ms']:.1f} ms; "
               f"its TTFT {s['long_ttft_with_streams_ms']:.0f} ms vs {s['long_ttft_alone_ms']:.0f} ms alone")
+    if result["load"]:
+        ld = result["load"]
+        print(f"load (no HTTP): {ld['concurrency']} in flight, {ld['requests']} x ({ld['prompt_tokens']} in, "
+              f"{ld['max_tokens']} out): {ld['output_tokens_per_s']:.0f} tokens/s; steps {json.dumps(ld['steps'])}")
     return 0
 
 

@@ -21,6 +21,6 @@ python -m bench.serve --url http://127.0.0.1:8000 --ttft --stall --out "$out" --
 # The same load again with the bases' step logs read around it: where the serving layer, not the
 # GPU, sets the pace (bench/steplog.py).
 python -m bench.steplog --clear && python -m bench.serve --url http://127.0.0.1:8000 --out "$out" \
-  --name "$name-again" 2>&1 | tail -2 && python -m bench.steplog --out "$out/$name-steps.json" || true
+  --name "$name-again" 2>&1 | tail -2 && python -m bench.steplog --raw --out "$out/$name-steps.json" || true
 kill -INT $server; wait $server || true
 grep -c "captured the decode step" "$out/serve.log" || true

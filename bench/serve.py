@@ -30,6 +30,7 @@ from bench.docs import put_section
 @dataclass
 class Stream:
     sent_s: float
+    sent_wall_s: float  # time.time(), to line up with a server's step log (bench.steplog --raw)
     token_s: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str | None = None
@@ -43,7 +44,7 @@ def pct(xs: list[float], q: float) -> float:
 async def one(client: httpx.AsyncClient, url: str, ids: list[int], max_tokens: int, headers: dict,
               on_token=None) -> Stream:
     body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    st = Stream(time.perf_counter())
+    st = Stream(time.perf_counter(), time.time())
     async with client.stream("POST", url + "/generate", json=body, headers=headers) as r:
         if r.status_code != 200:
             st.error = f"{r.status_code}: {(await r.aread())[:200]!r}"
@@ -96,7 +97,10 @@ async def load(url: str, concurrency: int, requests: int, prompt_tokens: int, ma
             "output_tokens_per_s": out / wall,
             "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 0.5), "p99": 1e3 * pct(tpot, 0.99)},
-            "e2e_ms": {"p50": 1e3 * pct(e2e, 0.5), "p99": 1e3 * pct(e2e, 0.99)}}
+            "e2e_ms": {"p50": 1e3 * pct(e2e, 0.5), "p99": 1e3 * pct(e2e, 0.99)},
+            # Per request: sent (wall clock), first and last token (seconds after sent).
+            "timeline": [(round(s.sent_wall_s, 4), round(s.token_s[0] - s.sent_s, 4), round(s.token_s[-1] - s.sent_s, 4))
+                         for s in ok]}
 
 
 async def ttft_alone(client: httpx.AsyncClient, url: str, ids: list[int], headers: dict) -> float:

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default="auto")
     p.add_argument("--clear", action="store_true", help="read and forget the steps so far; print nothing")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--raw", action="store_true", help="also write every step (start, wall, kind, seqs, tokens)")
     args = p.parse_args(argv)
     ray.init(address=args.address, namespace=NAMESPACE, logging_level="ERROR")
     result = {}
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows = summarize(steps)
         result[name] = rows
+        if args.raw and steps:
+            result[name + "/steps"] = [(round(st.time_s, 4), round(1e3 * st.wall_s, 3), st.kind, st.num_seqs,
+                                        st.num_tokens) for st in steps]
         print(f"{name}: {len(steps)} steps")
         print("| kind | seqs <= | steps | wall ms | interval ms | tokens | time share |")
         for r in rows:

@@ -43,6 +43,12 @@ class ClusterOptions(BaseModel):
     max_cpu_members: int | None = Field(None, ge=0, le=MAX_POOL,
                                         description="pool actors at most on CPU; None: one per core the "
                                                     "base actors leave free")
+    max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, description="sequences a base runs at once "
+                                                                           "(its decode batch) at most")
+    max_prefill_tokens: int = Field(EngineConfig.max_prefill_tokens, ge=1,
+                                    description="prompt tokens a step prefills beside the decodes (chunked "
+                                                "prefill): larger fills the GPU better, smaller keeps "
+                                                "running streams' token gaps short")
     max_waiting_per_base: int = Field(256, ge=1, description="requests queued on a base before it refuses "
                                                              "more as overloaded (HTTP 429)")
     pool_wait_s: float = Field(30.0, ge=0, description="how long a long prompt waits for a growing pool")
@@ -77,7 +83,8 @@ class ClusterOptions(BaseModel):
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(
             engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens,
-                                torch_compile=self.torch_compile),
+                                torch_compile=self.torch_compile, max_num_seqs=self.max_num_seqs,
+                                max_prefill_tokens=self.max_prefill_tokens),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
                                 cooldown_s=self.pool_cooldown_s),
             num_base_actors=self.base_actors,
