@@ -35,6 +35,7 @@ from bench.floors import decode_floor_s
 from bench.probe import probe
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.config import PRESETS
+from fapool.graphs import BUCKETS
 
 POINTS = {"cuda": [(16384, 1), (65536, 8), (1024, 64), (4096, 64)], "cpu": [(256, 1), (512, 4), (128, 16)]}
 
@@ -251,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 load(engine, c, 8, n_in, n_out, seed=300)  # warm: the first batch's sizes
                 result["load"] = load(engine, c, reqs, n_in, n_out, seed=400)
                 print(json.dumps(result["load"]), flush=True)
+                if engine.graphs is not None:  # side by side: prompt chunks launched eagerly
+                    buckets, engine.graphs.buckets = engine.graphs.buckets, BUCKETS
+                    result["load_eager_chunks"] = load(engine, c, reqs, n_in, n_out, seed=400)
+                    engine.graphs.buckets = buckets
+                    print(json.dumps(result["load_eager_chunks"]), flush=True)
                 # Host and device time of prompt-chunk steps beside decodes (the load's first half).
                 profiled(lambda: load(engine, c, c, n_in, 8, seed=500), f"{c} prompts of {n_in} tokens, 8 out")
             if not args.no_stall:
@@ -275,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         s = result["stall"]
         print(f"stall: {s['streams']} streams, {s['long_context']}-token prompt: max gap {s['max_gap_ms']:.1f} ms; "
               f"its TTFT {s['long_ttft_with_streams_ms']:.0f} ms vs {s['long_ttft_alone_ms']:.0f} ms alone")
-    if result["load"]:
-        ld = result["load"]
-        print(f"load (no HTTP): {ld['concurrency']} in flight, {ld['requests']} x ({ld['prompt_tokens']} in, "
-              f"{ld['max_tokens']} out): {ld['output_tokens_per_s']:.0f} tokens/s; steps {json.dumps(ld['steps'])}")
+    for key in ("load", "load_eager_chunks"):
+        if result.get(key):
+            ld = result[key]
+            print(f"{key} (no HTTP): {ld['concurrency']} in flight, {ld['requests']} x ({ld['prompt_tokens']} in, "
+                  f"{ld['max_tokens']} out): {ld['output_tokens_per_s']:.0f} tokens/s; steps {json.dumps(ld['steps'])}")
     return 0
 
 

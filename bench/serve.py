@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["ttft"]), flush=True)
     result["load"] = asyncio.run(load(args.url, args.concurrency, args.requests, args.prompt_tokens,
                                       args.max_tokens, headers, args.seed))
-    print(json.dumps(result["load"]), flush=True)
+    print(json.dumps({k: v for k, v in result["load"].items() if k != "timeline"}), flush=True)
     if args.stall:
         result["stall"] = asyncio.run(stall(args.url, 8, args.stall_stream_tokens, args.stall_long_tokens,
                                             headers, args.seed + 1))

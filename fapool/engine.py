@@ -15,7 +15,7 @@ from fapool.attention import select_kernel
 from fapool.batch import StepBatch
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.graphs import DecodeGraphs
+from fapool.graphs import BUCKETS, SegmentGraphs
 from fapool.kvcache import capacity_from_memory
 from fapool.paged_cache import PagedKVCache
 from fapool.loader import LoadedModel, load_model
@@ -64,7 +64,9 @@ class LLMEngine:
         self.async_decode: AsyncDecode | None = None
         if graphs and self.kernel is not None and self.kernel.paged_in_graph:
             self.use_step_graphs(capture=True)
-        self.graphs = DecodeGraphs(self.model, dev, self.loaded.dtype) if graphs else None
+        # Steps the whole-step graph does not take, prompt chunks included: graph segments.
+        self.graphs = SegmentGraphs(self.model, dev, self.loaded.dtype,
+                                    config.max_prefill_tokens + config.max_num_seqs) if graphs else None
         self._spill: list[RequestOutput] = []  # outputs read outside a step, reported by the next
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -240,8 +242,9 @@ class LLMEngine:
         return results
 
     def _forward(self, batch: StepBatch, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """The eager step (segment graphs at decode): logits of the rows that sample, and which
-        sequences those are (a prompt chunk that does not reach the end samples nothing)."""
+        """The step without the whole-step graph (graph segments around eager attention where a
+        bucket holds it): logits of the rows that sample, and which sequences those are (a prompt
+        chunk that does not reach the end samples nothing)."""
         flat: list[int] = []
         positions: list[int] = []
         for seq, s in zip(seqs, batch.slices):
@@ -250,7 +253,7 @@ class LLMEngine:
         # One host-to-device copy for both.
         input_ids, pos = torch.tensor([flat, positions], dtype=torch.long).to(self.loaded.device,
                                                                              non_blocking=True).unbind(0)
-        if batch.kind == "decode" and self.graphs is not None and self.graphs.bucket(len(seqs)):
+        if self.graphs is not None and self.graphs.bucket(len(flat)):
             hidden = self.graphs.run(input_ids, pos, self.executor.attend)
         else:
             hidden = self.model(input_ids, pos, self.executor)
@@ -270,6 +273,8 @@ class LLMEngine:
             return  # nothing to compile or capture
         if self.step_graphs is not None:
             self.step_graphs.capture_all()
+        if self.graphs is not None:
+            self.graphs.capture_all(min_tokens=BUCKETS[-1] + 1)  # prompt chunks' (decode's: when first used)
         budget = self.scheduler.token_budget
         # Alone, then together: prompt chunks up to the budget, and chunks beside decodes.
         for group in ((1,), (7,), (100,), (1000,), (budget,), (3, 50, 2 * budget + 300)):
