@@ -95,7 +95,8 @@ async def load(url: str, concurrency: int, requests: int, prompt_tokens: int, ma
     return {"concurrency": concurrency, "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
             "ok": len(ok), "errors": [s.error for s in streams if s.error][:5], "wall_s": wall,
             "output_tokens_per_s": out / wall,
-            "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
+            "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99),
+                        "mean": 1e3 * statistics.fmean(ttft) if ttft else float("nan")},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 0.5), "p99": 1e3 * pct(tpot, 0.99)},
             "e2e_ms": {"p50": 1e3 * pct(e2e, 0.5), "p99": 1e3 * pct(e2e, 0.99)},
             # Per request: sent (wall clock), first and last token (seconds after sent).
