@@ -14,20 +14,29 @@ for variant in ${VARIANTS:-default tuned}; do
     # Ray Serve's throughput-optimized settings, without direct ingress (the proxy stays).
     tuned) envs=(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
                  RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 RAY_SERVE_LOG_TO_STDERR=0) ;;
+    # SSE chunks of a stream gathered for 4x shorter (serve/sse.py's CHUNKS_PER_S).
+    chunks4000) envs=(FAPOOL_STREAM_CHUNKS_PER_S=4000) ;;
+    # Ray Serve's direct ingress: the replica also serves HTTP itself, on port 8100 (the proxy
+    # keeps 8000); loads alternate between the two.
+    direct) envs=(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8100
+                  RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8101) ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
   env "${envs[@]}" python -m serve.cli serve --model "${MODEL:-paper}" --device cuda --port 8000 --max-pool 0 \
     ${SERVE_FLAGS:-} > "$out/serve-$variant.log" 2>&1 &
   server=$!
-  for _ in $(seq 1 150); do
+  for _ in $(seq 1 60); do
     curl -sf -m 2 http://127.0.0.1:8000/ready >/dev/null && break
     kill -0 $server 2>/dev/null || { tail -30 "$out/serve-$variant.log"; break; }
     sleep 2
   done
+  ports=8000
+  [ "$variant" = direct ] && ports="8000 8100"
   for i in $(seq 1 "${LOADS:-3}"); do
+   for port in $ports; do
     before=$(curl -s http://127.0.0.1:8000/metrics)
-    python -m bench.serve --url http://127.0.0.1:8000 --out "$out" --name "variant-$variant-$i" 2>&1 | tail -2 | cut -c1-420 \
-      | sed "s/^/$variant $i: /"
+    python -m bench.serve --url http://127.0.0.1:$port --out "$out" --name "variant-$variant-$port-$i" 2>&1 | tail -1 \
+      | sed "s/^/$variant port $port, $i: /"
     # The server's own view of the same load: mean TTFT from the ingress's start of the request,
     # and mean wait on the base before admission (the rest of the client's TTFT is the HTTP path).
     python - "$before" "$(curl -s http://127.0.0.1:8000/metrics)" <<'PY'
@@ -46,6 +55,7 @@ for m in ("fapool_time_to_first_token_seconds", "fapool_request_queue_time_secon
     if n:
         print(f"   server {m}: mean {1e3 * (b[m + '_sum'] - a.get(m + '_sum', 0)) / n:.0f} ms over {n:.0f}")
 PY
+   done
   done
   kill -INT $server; wait $server
 done

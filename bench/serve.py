@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ld = result["load"]
     print(f"\nconcurrency {ld['concurrency']}, {ld['requests']} requests of {ld['prompt_tokens']} tokens, "
           f"{ld['max_tokens']} out: {ld['output_tokens_per_s']:.0f} output tokens/s, "
-          f"TTFT p50 {ld['ttft_ms']['p50']:.0f} / p99 {ld['ttft_ms']['p99']:.0f} ms, "
+          f"TTFT p50 {ld['ttft_ms']['p50']:.0f} / p99 {ld['ttft_ms']['p99']:.0f} / mean {ld['ttft_ms'].get('mean', float('nan')):.0f} ms, "
           f"TPOT p50 {ld['tpot_ms']['p50']:.2f} / p99 {ld['tpot_ms']['p99']:.2f} ms ({ld['ok']} ok)")
     if "ttft" in result:
         t = result["ttft"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi.responses import StreamingResponse
@@ -20,9 +21,9 @@ def sse(obj: object) -> str:
 # Serve's hop from a replica to its HTTP proxy costs about the same per HTTP chunk whatever the
 # chunk carries: one chunk per token caps a replica near 2,500 tokens/s in all (measured on the H200
 # host, issue 9). So the streams of this process together send at most about CHUNKS_PER_S chunks a
-# second: alone, a stream sends every token as it comes; at 64 streams, its tokens of ~16 ms at once.
-CHUNKS_PER_S = 4000.0
-MAX_CHUNK_INTERVAL_S = 0.05
+# second: alone, a stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
+CHUNKS_PER_S = float(os.environ.get("FAPOOL_STREAM_CHUNKS_PER_S", "1000"))
+MAX_CHUNK_INTERVAL_S = 0.1
 _open_streams = 0
 
 
