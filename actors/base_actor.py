@@ -33,8 +33,6 @@ from fapool.pool.transport import LOOPBACK, DataPlane
 # loop's thread runs Python (streams, Ray calls), a take-back can wait up to Python's switch
 # interval (5 ms by default). A short one bounds that wait for an eager step of hundreds of ops.
 GIL_SWITCH_INTERVAL_S = 0.0002
-# A feed's items at most this often (a client's event loop pays per Ray item, whatever it carries).
-FEED_INTERVAL_S = 0.004
 
 
 class BaseActor:
@@ -107,22 +105,13 @@ class BaseActor:
         each item is every event that came since the last, of all those requests, in step order.
         When the client goes away, its requests still running are aborted."""
         events, live = self._feed(feed_id)
-        loop = asyncio.get_running_loop()
-        sent_s = 0.0
         try:
             while True:
-                ev = await events.get()
-                # Small decode steps come every millisecond: one item each would keep the client's
-                # event loop busy with Ray items alone. Items go out at most every FEED_INTERVAL_S,
-                # each with every step's events since the last.
-                if (wait_s := sent_s + FEED_INTERVAL_S - loop.time()) > 0:
-                    await asyncio.sleep(wait_s)
-                batch = drain(ev, events, stop_at_finish=False)
+                batch = drain(await events.get(), events, stop_at_finish=False)
                 for ev in batch:
                     if ev.finish_reason is not None:
                         live.discard(ev.request_id)
                         self._streams.close(ev.request_id)
-                sent_s = loop.time()
                 yield batch
         finally:
             self._feeds.pop(feed_id, None)
