@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.docs import put_section
-from bench.floors import decode_floor_s
+from bench.floors import decode_floor_s, prefill_floor_s
 from bench.probe import probe
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.config import PRESETS
@@ -153,6 +153,16 @@ def stall(engine: LLMEngine, streams: int, stream_ctx: int, long_ctx: int, seed:
             "max_gap_ms": 1e3 * worst, "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams}
 
 
+def load_floor_s(cfg, ld: dict, pr: dict) -> float:
+    """The load's GPU work at the physical floor: every prompt's FLOPs at the measured matmul rate,
+    then each wave's decode steps (at its mean context) at the copy rate."""
+    prefill = ld["requests"] * prefill_floor_s(cfg, ld["prompt_tokens"], 0, pr["matmul_flops_per_s"],
+                                               pr["attention_flops_per_s"])
+    waves = ld["requests"] / ld["concurrency"]
+    step = decode_floor_s(cfg, ld["prompt_tokens"] + ld["max_tokens"] // 2, ld["concurrency"], 0, 2, pr["copy_bytes_per_s"])
+    return prefill + waves * ld["max_tokens"] * step
+
+
 def markers(path: Path) -> tuple[str, str]:
     return f"<!-- bench.engine {path.stem} start -->", f"<!-- bench.engine {path.stem} end -->"
 
@@ -170,8 +180,10 @@ def markdown(path: Path) -> str:
              "measured copy rate. `graph`: the whole decode step in one CUDA graph, elementwise ops eager; "
              "`compiled`: the same with the elementwise chains fused by torch.compile (the default on CUDA); "
              "`eager`: the same paged kernel launched eagerly (side by side, same process).",
-             "", "| mode | context x batch | TPOT ms | floor ms | x floor | host ms before replay/launch end |",
-             "|---|---|---|---|---|---|"]
+             ]
+    if r["points"]:
+        lines += ["", "| mode | context x batch | TPOT ms | floor ms | x floor | host ms before replay/launch end |",
+                  "|---|---|---|---|---|---|"]
     for p in r["points"]:
         lines.append(f"| {p['mode']} | {p['context']} x {p['batch']} | {p['tpot_ms']:.2f} | {p['floor_ms']:.2f} | "
                      f"{p['x_floor']:.2f}x | {p['host_launch_ms']:.2f} |")
@@ -187,6 +199,18 @@ def markdown(path: Path) -> str:
                   f"{s['long_context']}-token prompt is prefilled in chunks: the longest gap between two tokens of "
                   f"the streams {s['max_gap_ms']:.1f} ms; the long prompt's TTFT {s['long_ttft_with_streams_ms']:.0f} ms "
                   f"against {s['long_ttft_alone_ms']:.0f} ms alone ({s['long_ttft_with_streams_ms'] / s['long_ttft_alone_ms']:.2f}x)."]
+    for key, what in (("load", "prompt chunks in CUDA graph segments"), ("load_eager_chunks", "prompt chunks eager")):
+        if r.get(key):
+            ld = r[key]
+            st = ld["steps"]
+            ceiling = ld["requests"] * ld["max_tokens"] / load_floor_s(PRESETS[r["preset"]], ld, pr)
+            lines += ["", f"In-engine load ({what}; bench.serve's shape without Ray or HTTP): {ld['concurrency']} in "
+                      f"flight, {ld['requests']} requests of {ld['prompt_tokens']} prompt tokens, {ld['max_tokens']} out: "
+                      f"**{ld['output_tokens_per_s']:.0f} output tokens/s**, {ld['output_tokens_per_s'] / ceiling:.0%} of "
+                      f"the floor's {ceiling:.0f} (every prompt at the matmul rate, then its decode steps at the copy "
+                      f"rate, nothing overlapped); "
+                      + "; ".join(f"{k} steps {v['steps']}, median {v['wall_ms']:.2f} ms for {v['tokens']:.0f} tokens"
+                                  for k, v in st.items()) + "."]
     return "\n".join(lines + ["", end])
 
 
