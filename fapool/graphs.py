@@ -32,6 +32,7 @@ from fapool.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 TOKEN_STEP = 256  # prompt-chunk buckets: every 256 tokens up to the step's most
 MAX_GRAPH_TOKENS = 4096  # larger steps are GPU-bound: launched eagerly, no graph memory for them
 
@@ -40,7 +41,6 @@ def buckets_for(max_tokens: int) -> tuple[int, ...]:
     """Decode batch sizes, then token counts every TOKEN_STEP up to `max_tokens` (capped)."""
     top = -(-min(max_tokens, MAX_GRAPH_TOKENS) // TOKEN_STEP) * TOKEN_STEP
     return tuple(sorted(set(BUCKETS) | {128} | set(range(TOKEN_STEP, top + 1, TOKEN_STEP))))
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass

@@ -22,7 +22,18 @@ def sse(obj: object) -> str:
 # chunk carries: one chunk per token caps a replica near 2,500 tokens/s in all (measured on the H200
 # host, issue 9). So the streams of this process together send at most about CHUNKS_PER_S chunks a
 # second: alone, a stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
-CHUNKS_PER_S = float(os.environ.get("FAPOOL_STREAM_CHUNKS_PER_S", "1000"))
+def _rate(name: str, default: str) -> float:
+    text = os.environ.get(name, default)
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not rate > 0:
+        raise ValueError(f"{name}={text!r}; set a positive number of chunks a second (default {default})")
+    return rate
+
+
+CHUNKS_PER_S = _rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000")
 MAX_CHUNK_INTERVAL_S = 0.1
 _open_streams = 0
 
@@ -64,7 +75,7 @@ async def _groups(items: AsyncIterator[T], interval_s: Callable[[], float] = lam
     at once."""
     it = items.__aiter__()
     nxt: asyncio.Future | None = None
-    sent_s: float | None = None  # None until the first group: the first item goes out alone
+    sent_s: float | None = None  # None until the first group goes out: it waits for nothing
     loop = asyncio.get_running_loop()
     try:
         while True:

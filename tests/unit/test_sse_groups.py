@@ -3,6 +3,8 @@ later ones are gathered for the interval, the end sends what is gathered without
 import asyncio
 import time
 
+import pytest
+
 from serve import sse
 
 
@@ -76,3 +78,12 @@ def test_the_interval_grows_with_the_streams_open_and_is_capped():
     finally:
         sse._open_streams = 0
     assert one <= 0.001 < many < capped == sse.MAX_CHUNK_INTERVAL_S
+
+
+def test_a_bad_chunk_rate_is_refused_by_name(monkeypatch):
+    for bad in ("0", "-5", "fast"):
+        monkeypatch.setenv("FAPOOL_STREAM_CHUNKS_PER_S", bad)
+        with pytest.raises(ValueError, match="FAPOOL_STREAM_CHUNKS_PER_S"):
+            sse._rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000")
+    monkeypatch.setenv("FAPOOL_STREAM_CHUNKS_PER_S", "250")
+    assert sse._rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000") == 250.0
