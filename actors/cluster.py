@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import ray
 
@@ -149,12 +149,6 @@ class Cluster:
         if base is None:
             base = self.bases[self._picked()]
         return base.generate.options(num_returns="streaming").remote(req)
-
-    async def stream(self, req: GenerateRequest, base: Any = None) -> AsyncIterator[TokenEvent]:
-        gen = self.submit(req, base)
-        async for ref in gen:
-            for ev in await ref:
-                yield ev
 
     def generate(
         self,
