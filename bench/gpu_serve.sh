@@ -23,4 +23,6 @@ python -m bench.serve --url http://127.0.0.1:8000 --ttft --stall --out "$out" --
 python -m bench.steplog --clear && python -m bench.serve --url http://127.0.0.1:8000 --out "$out" \
   --name "$name-again" 2>&1 | tail -2 && python -m bench.steplog --raw --out "$out/$name-steps.json" || true
 kill -INT $server; wait $server || true
+# The benchmark client's own ceiling on this host: the same load against a clock-paced stand-in.
+python -m bench.serve --stand-in --out "$out" --name "$name-client-ceiling" 2>&1 | tail -1
 grep -c "captured the decode step" "$out/serve.log" || true
