@@ -20,11 +20,12 @@ async def timed_groups(items, interval_s):
 
 
 def test_events_are_gathered_for_the_interval():
-    # 12 events 10 ms apart with a 45 ms interval: the first alone, then several a chunk.
-    groups = [g for g, _ in asyncio.run(timed_groups(spaced(range(12), 0.01), 0.045))]
+    # 12 events 10 ms apart with a 200 ms interval: the first alone, then the rest in one or two
+    # chunks (two or three if a busy machine stretches the gaps).
+    groups = [g for g, _ in asyncio.run(timed_groups(spaced(range(12), 0.01), 0.2))]
     assert [x for g in groups for x in g] == list(range(12))  # nothing lost, nothing reordered
     assert groups[0] == [0]
-    assert len(groups) <= 6 and max(len(g) for g in groups) >= 3, groups
+    assert len(groups) <= 4 and max(len(g) for g in groups) >= 4, groups
 
 
 def test_the_end_sends_what_is_gathered_without_waiting_for_the_interval():
