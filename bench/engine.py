@@ -31,18 +31,14 @@ from pathlib import Path
 import torch
 
 from bench.docs import put_section
-from bench.floors import decode_floor_s, prefill_floor_s
+from bench.engine_load import ids, load, load_lines
+from bench.floors import decode_floor_s
 from bench.probe import probe
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.config import PRESETS
 from fapool.graphs import BUCKETS
 
 POINTS = {"cuda": [(16384, 1), (65536, 8), (1024, 64), (4096, 64)], "cpu": [(256, 1), (512, 4), (128, 16)]}
-
-
-def ids(n: int, seed: int, vocab: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(300, min(vocab, 30000), (n,), generator=g).tolist()
 
 
 def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: int) -> dict:
@@ -79,36 +75,6 @@ def ttft(engine: LLMEngine, n: int, seed: int) -> float:
     while engine.scheduler.find(rid) is not None:
         engine.step()
     return time.perf_counter() - t0
-
-
-def load(engine: LLMEngine, concurrency: int, requests: int, prompt: int, max_tokens: int, seed: int) -> dict:
-    """bench.serve's load without HTTP or Ray: `concurrency` requests in flight, a new one added
-    as soon as one finishes (new prompts each), until `requests` have run. What the engine alone
-    sustains: the ceiling of the HTTP figure. Per step kind: steps, median wall, tokens a step."""
-    vocab = engine.loaded.config.vocab_size
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    prompts = [ids(prompt, seed + i, vocab) for i in range(requests)]
-    kinds: dict[str, list[tuple[float, int]]] = {}
-    live, sent, out = set(), 0, 0
-    t0 = time.perf_counter()
-    while sent < requests or live:
-        while sent < requests and len(live) < concurrency:
-            live.add(engine.add_request(None, sp, prompt_token_ids=prompts[sent]))
-            sent += 1
-        s0 = time.perf_counter()
-        outs = engine.step()
-        if engine.last_batch is not None:
-            kinds.setdefault(engine.last_batch.kind, []).append((time.perf_counter() - s0, engine.last_batch.num_tokens))
-        for o in outs:
-            out += len(o.new_token_ids)
-            if o.finished:
-                live.discard(o.request_id)
-    wall = time.perf_counter() - t0
-    steps = {k: {"steps": len(v), "wall_ms": 1e3 * statistics.median(w for w, _ in v),
-                 "tokens": statistics.median(n for _, n in v), "time_share": sum(w for w, _ in v) / wall}
-             for k, v in kinds.items()}
-    return {"concurrency": concurrency, "requests": requests, "prompt_tokens": prompt, "max_tokens": max_tokens,
-            "wall_s": wall, "output_tokens_per_s": out / wall, "steps": steps}
 
 
 def profiled(fn, what: str, kernels: bool = False):
@@ -153,16 +119,6 @@ def stall(engine: LLMEngine, streams: int, stream_ctx: int, long_ctx: int, seed:
             "max_gap_ms": 1e3 * worst, "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams}
 
 
-def load_floor_s(cfg, ld: dict, pr: dict) -> float:
-    """The load's GPU work at the physical floor: every prompt's FLOPs at the measured matmul rate,
-    then each wave's decode steps (at its mean context) at the copy rate."""
-    prefill = ld["requests"] * prefill_floor_s(cfg, ld["prompt_tokens"], 0, pr["matmul_flops_per_s"],
-                                               pr["attention_flops_per_s"])
-    waves = ld["requests"] / ld["concurrency"]
-    step = decode_floor_s(cfg, ld["prompt_tokens"] + ld["max_tokens"] // 2, ld["concurrency"], 0, 2, pr["copy_bytes_per_s"])
-    return prefill + waves * ld["max_tokens"] * step
-
-
 def markers(path: Path) -> tuple[str, str]:
     return f"<!-- bench.engine {path.stem} start -->", f"<!-- bench.engine {path.stem} end -->"
 
@@ -199,18 +155,7 @@ def markdown(path: Path) -> str:
                   f"{s['long_context']}-token prompt is prefilled in chunks: the longest gap between two tokens of "
                   f"the streams {s['max_gap_ms']:.1f} ms; the long prompt's TTFT {s['long_ttft_with_streams_ms']:.0f} ms "
                   f"against {s['long_ttft_alone_ms']:.0f} ms alone ({s['long_ttft_with_streams_ms'] / s['long_ttft_alone_ms']:.2f}x)."]
-    for key, what in (("load", "prompt chunks in CUDA graph segments"), ("load_eager_chunks", "prompt chunks eager")):
-        if r.get(key):
-            ld = r[key]
-            st = ld["steps"]
-            ceiling = ld["requests"] * ld["max_tokens"] / load_floor_s(PRESETS[r["preset"]], ld, pr)
-            lines += ["", f"In-engine load ({what}; bench.serve's shape without Ray or HTTP): {ld['concurrency']} in "
-                      f"flight, {ld['requests']} requests of {ld['prompt_tokens']} prompt tokens, {ld['max_tokens']} out: "
-                      f"**{ld['output_tokens_per_s']:.0f} output tokens/s**, {ld['output_tokens_per_s'] / ceiling:.0%} of "
-                      f"the floor's {ceiling:.0f} (every prompt at the matmul rate, then its decode steps at the copy "
-                      f"rate, nothing overlapped); "
-                      + "; ".join(f"{k} steps {v['steps']}, median {v['wall_ms']:.2f} ms for {v['tokens']:.0f} tokens"
-                                  for k, v in st.items()) + "."]
+    lines += load_lines(r)
     return "\n".join(lines + ["", end])
 
 
