@@ -187,7 +187,8 @@ def markdown(paths: list[Path]) -> str:
         new = f"{statistics.median(t['new_length_ms']):.0f}" if t else "-"
         stall = (f"{s['max_gap_ms']:.0f}; {s['long_ttft_with_streams_ms']:.0f} vs {s['long_ttft_alone_ms']:.0f}"
                  if s else "-")
-        rows.append(f"| `{p.name}` | {r.get('note', '')} | {ld['output_tokens_per_s']:.0f} | "
+        note = r.get("note", "") + ("" if r.get("client") == "aiohttp" else " [httpx client]")
+        rows.append(f"| `{p.name}` | {note} | {ld['output_tokens_per_s']:.0f} | "
                     f"{ld['tpot_ms']['p50']:.2f} / {ld['tpot_ms']['p99']:.2f} | {ld['ttft_ms']['p50']:.0f} / "
                     f"{ld['ttft_ms']['p99']:.0f} | {first} | {new} | {stall} |")
     r0 = json.loads(paths[0].read_text())
@@ -196,11 +197,11 @@ def markdown(paths: list[Path]) -> str:
              f"concurrency {ld['concurrency']}, {ld['requests']} requests of {ld['prompt_tokens']} prompt tokens, "
              f"{ld['max_tokens']} out, greedy. Stall: 8 streams decoding while a long prompt arrives. The "
              "first-after-/ready figure of these runs includes the benchmark client's own first use "
-             "(bench.serve now polls /ready with its client before timing). Every run above used an httpx "
-             "client that, against a clock-paced stand-in server on a 2-core machine, itself capped at "
-             "8,900-12,000 tokens/s with a 256-388 ms mean TTFT; the aiohttp client that replaced it reaches "
-             "22,200-23,800 tokens/s and 63-70 ms there (`python -m bench.serve --stand-in`), so these "
-             "figures understate the server by an amount not yet measured on the H200 host."]
+             "(bench.serve now polls /ready with its client before timing). Rows marked [httpx client] were "
+             "measured with an httpx client that, against a clock-paced stand-in server on a 2-core machine, "
+             "itself capped at 8,900-12,000 tokens/s with a 256-388 ms mean TTFT; the aiohttp client that "
+             "replaced it reaches 22,200-23,800 tokens/s and 63-70 ms there (`python -m bench.serve "
+             "--stand-in`), so those rows understate the server by an amount not yet measured on the H200 host."]
     return "\n".join(rows + ["", END])
 
 
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         stand_in, args.url = stand_in_mod.start()
         args.ttft = args.stall = False  # the stand-in has no model: only the load means anything
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    result: dict = {"url": args.url, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "stand_in": args.stand_in}
+    result: dict = {"url": args.url, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "client": "aiohttp",
+                    "stand_in": args.stand_in}
     try:
         if args.ttft:  # first: the first request after /ready is part of it
             result["ttft"] = asyncio.run(ttft_table(args.url, headers, args.seed))
