@@ -32,7 +32,7 @@ async def generate(body: GenerateBody):
                 item["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
             yield _with_logprobs(item, body, ev.logprobs, ev.prompt_logprobs)
 
-    return sse_response(chunks())
+    return sse_response(chunks(), [events])
 
 
 def _with_logprobs(item: dict, body: GenerateBody, lps, prompt_lps) -> dict:

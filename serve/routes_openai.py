@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
@@ -148,22 +149,23 @@ async def completions(body: CompletionBody):
         totals = [0, 0]
         logprobs = [CompletionLogprobs(svc.tokenizer) for _ in streams]
         started = [False] * len(streams)
-        async for i, ev in merge(streams):
-            _, ids, echo, _ = jobs[i // n]
-            text, entries = ev.text, output_entries(ev.token_ids, ev.logprobs)
-            if not started[i] and (ev.token_ids or ev.finish_reason):
-                started[i] = True
-                text = echo + text
-                if body.echo:
-                    entries = prompt_entries(ids, ev.prompt_logprobs) + entries
-            lp = logprobs[i].shape(entries) if body.logprobs is not None and entries else None
-            if text or ev.finish_reason or lp:
-                yield env.wrap([choice(i, ev.finish_reason, lp, text=text)])
-            _count(totals, ev, i % n == 0)
+        async with aclosing(merge(streams)) as merged:  # closed with chunks(): its pumps stop
+            async for i, ev in merged:
+                _, ids, echo, _ = jobs[i // n]
+                text, entries = ev.text, output_entries(ev.token_ids, ev.logprobs)
+                if not started[i] and (ev.token_ids or ev.finish_reason):
+                    started[i] = True
+                    text = echo + text
+                    if body.echo:
+                        entries = prompt_entries(ids, ev.prompt_logprobs) + entries
+                lp = logprobs[i].shape(entries) if body.logprobs is not None and entries else None
+                if text or ev.finish_reason or lp:
+                    yield env.wrap([choice(i, ev.finish_reason, lp, text=text)])
+                _count(totals, ev, i % n == 0)
         if body.include_usage:
             yield env.wrap([], usage(*totals))
 
-    return sse_response(chunks())
+    return sse_response(chunks(), streams)
 
 
 @router.post("/chat/completions", responses=STREAMING)
@@ -192,15 +194,16 @@ async def chat_completions(body: ChatBody):
         totals = [0, 0]
         for i in range(len(streams)):
             yield env.wrap([choice(i, None, None, delta={"role": "assistant", "content": ""})])
-        async for i, ev in merge(streams):
-            lp = logprobs(ev.logprobs) if ev.logprobs else None
-            if ev.text or ev.finish_reason or lp:  # the last chunk may carry only its finish_reason
-                yield env.wrap([choice(i, ev.finish_reason, lp, delta={"content": ev.text} if ev.text else {})])
-            _count(totals, ev, i == 0)
+        async with aclosing(merge(streams)) as merged:  # closed with chunks(): its pumps stop
+            async for i, ev in merged:
+                lp = logprobs(ev.logprobs) if ev.logprobs else None
+                if ev.text or ev.finish_reason or lp:  # the last chunk may carry only its finish_reason
+                    yield env.wrap([choice(i, ev.finish_reason, lp, delta={"content": ev.text} if ev.text else {})])
+                _count(totals, ev, i == 0)
         if body.include_usage:
             yield env.wrap([], usage(*totals))
 
-    return sse_response(chunks())
+    return sse_response(chunks(), streams)
 
 
 def _count(totals: list[int], ev: TokenEvent, count_prompt: bool) -> None:

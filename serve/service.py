@@ -96,9 +96,12 @@ class InferenceService:
         first = await events.__anext__()
 
         async def chained() -> AsyncIterator[TokenEvent]:
-            yield first
-            async for ev in events:
-                yield ev
+            try:
+                yield first
+                async for ev in events:
+                    yield ev
+            finally:  # closed early (the client left): `_events` ends now and aborts the request
+                await events.aclose()
 
         return chained()
 

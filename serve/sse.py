@@ -4,7 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 from fastapi.responses import StreamingResponse
 
@@ -43,18 +44,49 @@ def chunk_interval_s() -> float:
     return min(_open_streams / CHUNKS_PER_S, MAX_CHUNK_INTERVAL_S)
 
 
-def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
+class _SSEResponse(StreamingResponse):
+    """Closes its iterator, and the request streams under it, as soon as the response ends however
+    it ends: a client that leaves while a chunk is being sent cancels the send, which would leave
+    the generators suspended until the garbage collector finds them, and their requests running."""
+
+    def __init__(self, content: AsyncIterator[str], streams: Iterable[AsyncIterator], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._streams = list(streams)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await close(self.body_iterator)
+            for s in self._streams:  # each one's end aborts its request if it did not finish
+                await close(s)
+
+
+async def close(it: Any) -> None:
+    """`aclose()` an async generator; nothing for other iterators or one that is running (its
+    awaiter was cancelled, so it is ending already)."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except RuntimeError:  # "asynchronous generator is already running"
+            pass
+
+
+def sse_response(chunks: AsyncIterator[dict], streams: Iterable[AsyncIterator] = ()) -> StreamingResponse:
     """Events ending with `data: [DONE]`. Once the stream has started (the status line is gone) any
     error arrives as an OpenAI-shaped error event before `[DONE]`: a stream never just stops.
     Still one SSE event per token, but several events per HTTP chunk: the first event and the last
-    go out at once, the others gathered for `chunk_interval_s()`."""
+    go out at once, the others gathered for `chunk_interval_s()`. `streams`: the request streams
+    `chunks` reads, closed (their requests aborted if unfinished) when the response ends."""
 
     async def stream() -> AsyncIterator[str]:
         global _open_streams
         _open_streams += 1
         try:
-            async for group in _groups(chunks, chunk_interval_s):  # a group before an error still comes whole
-                yield "".join(sse(c) for c in group)
+            async with aclosing(_groups(chunks, chunk_interval_s)) as groups:
+                async for group in groups:  # a group before an error still comes whole
+                    yield "".join(sse(c) for c in group)
         except APIError as e:
             yield sse(error_body(e.status, e.message, e.code))
         except Exception as e:  # noqa: BLE001 - logged with the request id, reported as an event
@@ -63,8 +95,8 @@ def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
             _open_streams -= 1
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _SSEResponse(stream(), streams, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _groups(items: AsyncIterator[T], interval_s: Callable[[], float] = lambda: 0.0,
@@ -111,6 +143,7 @@ async def _groups(items: AsyncIterator[T], interval_s: Callable[[], float] = lam
         if nxt is not None and not nxt.done():
             nxt.cancel()
             await asyncio.gather(nxt, return_exceptions=True)
+        await close(items)
 
 
 async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
@@ -139,8 +172,11 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
 async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
     """Events of several streams as they come, tagged with their stream's index."""
     if len(streams) == 1:  # no task and no queue hop per token for the usual single prompt
-        async for ev in streams[0]:
-            yield 0, ev
+        try:
+            async for ev in streams[0]:
+                yield 0, ev
+        finally:
+            await close(streams[0])
         return
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
@@ -169,3 +205,5 @@ async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await close(s)
