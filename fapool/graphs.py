@@ -3,10 +3,12 @@ replayed. Decode steps (pooled ones, or with a kernel that does not read pages i
 chunks beside decodes alike.
 
 A decode step of a small batch is bound by launching kernels, not by the GPU: the paper's model
-launches about 200 of them per step in eager mode. A prompt chunk of 1,000 tokens is too: on an
-H200 its host work (compiled elementwise calls at ~100 us each, cuBLAS calls, the attention call)
-took 5.6 ms against 3.8 ms of GPU work. Attention cannot be captured (every sequence has its own
-KV length and query count, and pooled sequences talk to their members over NCCL), so each step runs
+launches about 200 of them per step in eager mode. A prompt chunk's step has the same host work
+whatever its tokens (compiled elementwise calls at ~100 us each, cuBLAS calls, the attention call):
+on an H200, 5.6 ms a step against 7.6 ms of GPU work at 2,000 tokens, so at 1,000 tokens the host
+set the pace; replayed, 3.1 ms (bench.engine's profile). Attention cannot be captured (every
+sequence has its own KV length and query count, and pooled sequences talk to their members over
+NCCL), so each step runs
 
     graph 0: embed, rotary, layer 0 up to q, k, v
     eager:   attention of layer 0 (local kernels, or the pool over NCCL)
