@@ -133,8 +133,8 @@ class SegmentGraphs:
         if self._buffers is None:
             self._buffers = self._allocate(self.buckets[-1])
         full = self._buffers
-        gs = GraphSet(*(getattr(full, f)[:n] for f in ("ids", "pos", "cos", "sin", "x", "q", "k", "v", "o", "hidden")),
-                      graphs=[])
+        views = (getattr(full, f)[:n] for f in ("ids", "pos", "cos", "sin", "x", "q", "k", "v", "o", "hidden"))
+        gs = GraphSet(*views, graphs=[])
         dev = self.device
         segments = self._segments(gs)
         # Warm up on a side stream (cuBLAS picks its algorithms and workspace), then capture.
