@@ -69,8 +69,9 @@ async def close(it: Any) -> None:
     if aclose is not None:
         try:
             await aclose()
-        except RuntimeError:  # "asynchronous generator is already running"
-            pass
+        except RuntimeError as e:
+            if "already running" not in str(e):
+                raise
 
 
 def sse_response(chunks: AsyncIterator[dict], streams: Iterable[AsyncIterator] = ()) -> StreamingResponse:
