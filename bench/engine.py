@@ -65,7 +65,8 @@ def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: 
         engine.abort(r)
     # The floor counts the KV rows the steps really read (the prompt plus the tokens decoded so far).
     return {"context": context, "batch": batch, "kv_rows": round(statistics.mean(kv)),
-            "tpot_ms": 1e3 * statistics.median(times), "tpot_p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))], "host_launch_ms": 1e3 * statistics.median(launch)}
+            "tpot_ms": 1e3 * statistics.median(times), "tpot_p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))],
+            "host_launch_ms": 1e3 * statistics.median(launch)}
 
 
 def ttft(engine: LLMEngine, n: int, seed: int) -> float:

@@ -19,10 +19,6 @@ def sse(obj: object) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-# Serve's hop from a replica to its HTTP proxy costs about the same per HTTP chunk whatever the
-# chunk carries: one chunk per token caps a replica near 2,500 tokens/s in all (measured on the H200
-# host, issue 9). So the streams of this process together send at most about CHUNKS_PER_S chunks a
-# second: alone, a stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
 def _rate(name: str, default: str) -> float:
     text = os.environ.get(name, default)
     try:
@@ -34,6 +30,10 @@ def _rate(name: str, default: str) -> float:
     return rate
 
 
+# Serve's hop from a replica to its HTTP proxy costs about the same per HTTP chunk whatever the
+# chunk carries: one chunk per token caps a replica near 2,500 tokens/s in all (measured on the H200
+# host, issue 9). So the streams of this process together send at most about CHUNKS_PER_S chunks a
+# second: alone, a stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
 CHUNKS_PER_S = _rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000")
 MAX_CHUNK_INTERVAL_S = 0.1
 _open_streams = 0
@@ -166,18 +166,16 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for t in tasks:
-                if not t.cancelled() and t.exception() is None and hasattr(t.result(), "aclose"):
-                    await t.result().aclose()
+                if not t.cancelled() and t.exception() is None:
+                    await close(t.result())
 
 
 async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """Events of several streams as they come, tagged with their stream's index."""
+    """Events of several streams as they come, tagged with their stream's index. Closing it stops
+    its pumps; the streams themselves are closed by their owner (`sse_response(..., streams)`)."""
     if len(streams) == 1:  # no task and no queue hop per token for the usual single prompt
-        try:
-            async for ev in streams[0]:
-                yield 0, ev
-        finally:
-            await close(streams[0])
+        async for ev in streams[0]:
+            yield 0, ev
         return
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
@@ -206,5 +204,3 @@ async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for s in streams:
-            await close(s)

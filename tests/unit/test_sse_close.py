@@ -81,3 +81,51 @@ def test_a_stream_read_to_its_end_is_closed_once_and_cleanly():
 
     asyncio.run(run())
     assert closed == [True]
+
+
+def test_merged_streams_are_all_closed_when_their_response_ends_early():
+    """Several choices (`n` > 1) read through `merge`, as the OpenAI routes do: each one ends."""
+    from contextlib import aclosing
+
+    from serve.sse import merge
+
+    ended = [asyncio.Event(), asyncio.Event()]
+
+    def request_stream(k):
+        async def gen():
+            try:
+                for i in range(10_000):
+                    await asyncio.sleep(0.001)
+                    yield {"k": k, "i": i}
+            finally:
+                ended[k].set()
+        return gen()
+
+    async def run():
+        streams = [request_stream(0), request_stream(1)]
+
+        async def chunks():
+            async with aclosing(merge(streams)) as merged:
+                async for _, ev in merged:
+                    yield ev
+
+        response = sse_response(chunks(), streams)
+        sent, blocked = [], asyncio.Event()
+
+        async def send(message):
+            sent.append(message)
+            if len(sent) >= 3:
+                blocked.set()
+                await asyncio.Event().wait()
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+        await asyncio.wait_for(blocked.wait(), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert all(e.is_set() for e in ended), [e.is_set() for e in ended]
+        return response
+
+    assert asyncio.run(run()) is not None
