@@ -7,23 +7,22 @@ set -uo pipefail
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/sc:/tmp/site:$PWD RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-for variant in ${VARIANTS:-default tuned}; do
-  envs=()
+for variant in ${VARIANTS:-default proxy}; do
+  envs=() flags=()
   case $variant in
-    default) ;;
-    # Ray Serve's throughput-optimized settings, without direct ingress (the proxy stays).
-    tuned) envs=(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
+    default) ;;  # `fapool serve` as shipped: direct ingress (the ingress replica serves --port)
+    # Serve's HTTP proxy in front of the ingress replica (the default before session 7).
+    proxy) flags=(--ingress proxy) ;;
+    # Ray Serve's throughput-optimized settings, behind the proxy.
+    tuned) flags=(--ingress proxy)
+           envs=(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
                  RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 RAY_SERVE_LOG_TO_STDERR=0) ;;
     # SSE chunks of a stream gathered for 4x shorter (serve/sse.py's CHUNKS_PER_S).
     chunks4000) envs=(FAPOOL_STREAM_CHUNKS_PER_S=4000) ;;
-    # Ray Serve's direct ingress: the replica also serves HTTP itself, on port 8100 (the proxy
-    # keeps 8000); loads alternate between the two.
-    direct) envs=(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8100
-                  RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8101) ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
   env "${envs[@]}" python -m serve.cli serve --model "${MODEL:-paper}" --device cuda --port 8000 --max-pool 0 \
-    ${SERVE_FLAGS:-} > "$out/serve-$variant.log" 2>&1 &
+    "${flags[@]}" ${SERVE_FLAGS:-} > "$out/serve-$variant.log" 2>&1 &
   server=$!
   for _ in $(seq 1 60); do
     curl -sf -m 2 http://127.0.0.1:8000/ready >/dev/null && break
@@ -31,7 +30,6 @@ for variant in ${VARIANTS:-default tuned}; do
     sleep 2
   done
   ports=8000
-  [ "$variant" = direct ] && ports="8000 8100"
   for i in $(seq 1 "${LOADS:-3}"); do
    for port in $ports; do
     before=$(curl -s http://127.0.0.1:8000/metrics)

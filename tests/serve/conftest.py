@@ -34,7 +34,8 @@ class Server:
             except RuntimeError:
                 # The free port can be taken (by one of Ray's own processes) before the server
                 # binds it: then, and only then, try another.
-                if attempt == 2 or "Failed to bind to address" not in Path(self.log.name).read_text(errors="replace"):
+                log = Path(self.log.name).read_text(errors="replace")
+                if attempt == 2 or not any(m in log for m in ("Failed to bind to address", "already in use")):
                     raise
 
     def _start(self, flags: tuple[str, ...]) -> None:
