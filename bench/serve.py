@@ -200,8 +200,11 @@ def markdown(paths: list[Path]) -> str:
              "(bench.serve now polls /ready with its client before timing). Rows marked [httpx client] were "
              "measured with an httpx client that, against a clock-paced stand-in server on a 2-core machine, "
              "itself capped at 8,900-12,000 tokens/s with a 256-388 ms mean TTFT; the aiohttp client that "
-             "replaced it reaches 22,200-23,800 tokens/s and 63-70 ms there (`python -m bench.serve "
-             "--stand-in`), so those rows understate the server by an amount not yet measured on the H200 host."]
+             "replaced it reaches 22,200-23,800 tokens/s and 63-70 ms there, and 24,086 tokens/s and 62 ms on "
+             "the 16-core H200 host (`python -m bench.serve --stand-in`, "
+             "`serve-paper-H200-s7-client-ceiling.json`). On that host the old client was not what capped the "
+             "server: session 6's code measured 7,416 and 8,937 tokens/s with aiohttp (`-s7-proxy`) against "
+             "10,041 and 8,763 with httpx."]
     return "\n".join(rows + ["", END])
 
 

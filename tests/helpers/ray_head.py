@@ -4,6 +4,7 @@ tests started. It is stopped by SIGTERM to `ray start --block`, not by `ray stop
 every Ray process on the machine; the fixture then checks that no process of it is left."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +94,14 @@ def wait_http_ok(url, proc, log_path, timeout_s=90.0):
 
 @pytest.fixture(scope="module")
 def ray_head():
+    with started_head() as head:
+        yield head
+
+
+@contextlib.contextmanager
+def started_head(extra_env: dict[str, str] | None = None):
+    """`ray start --head --block` with its own ports and temp dir; `extra_env` reaches every Ray
+    process it starts (Ray Serve reads its settings there)."""
     # A short temp dir: Ray's Unix socket paths under it must stay below 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="fpb-", dir="/tmp")
     gcs, dash, client, agent, agent_grpc, rt_agent, metrics, node_mgr, obj_mgr = free_ports(9)
@@ -105,7 +114,7 @@ def ray_head():
            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
            "--min-worker-port=0", "--max-worker-port=0"]
     # No drain on SIGTERM: it would wait up to 30 s for the actors a kept cluster leaves running.
-    env = {**subprocess_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = {**subprocess_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(extra_env or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers.listeners import PROXY, REPLICA, cmdline, listener
 from tests.serve.chaos_helpers import Stream, ids_of, reference
 from tests.serve.conftest import FAPOOL, REPO, Server, free_port, ray_processes_of
 
@@ -27,27 +28,6 @@ def proxy_port(server: Server, timeout_s: float = 60) -> int:
     return int(m.group(1))
 
 
-def cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-
-
-def listener(port: int) -> str:
-    """The command line of the process listening on `port` (from /proc: no tool needed)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(f"socket:[{f[9]}]")
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{entry}/fd")):
-                return cmdline(int(entry))
-        except OSError:  # another user's process, or it exited meanwhile
-            pass
-    raise AssertionError(f"nothing listens on port {port}")
-
-
 def ingress_replica_pids(server: Server) -> list[int]:
     """The Serve replica processes of this server's own Ray (its process session)."""
     pids = []
@@ -58,9 +38,6 @@ def ingress_replica_pids(server: Server) -> list[int]:
         except OSError:  # it exited meanwhile
             pass
     return pids
-
-
-REPLICA = "ray::ServeReplica:fapool:FAPoolIngress"
 
 
 def exact_stream(url: str, seed: int) -> None:
@@ -82,7 +59,7 @@ def test_direct_ingress_serves_the_port_and_a_killed_replica_comes_back_on_it():
     server = Server()  # --ingress auto: this command starts Ray, so direct
     try:
         assert listener(server.port).startswith(REPLICA)
-        assert listener(proxy_port(server)).startswith("ray::ProxyActor")
+        assert listener(proxy_port(server)).startswith(PROXY)
         exact_stream(server.url, 1)
 
         [pid] = ingress_replica_pids(server)
@@ -106,7 +83,7 @@ def test_direct_ingress_serves_the_port_and_a_killed_replica_comes_back_on_it():
 def test_proxy_ingress_serves_the_same_tokens():
     server = Server("--ingress", "proxy")
     try:
-        assert listener(server.port).startswith("ray::ProxyActor")
+        assert listener(server.port).startswith(PROXY)
         assert "direct ingress" not in Path(server.log.name).read_text()
         exact_stream(server.url, 3)
     finally:
