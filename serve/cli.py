@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ APP = "fapool"  # the Serve application's name
 
 
 def parser() -> argparse.ArgumentParser:
+    from serve import ingress
     from serve.options import ServeOptions, add_flags
 
     p = argparse.ArgumentParser(prog="fapool", description="FA Pool: elastic LLM serving on Ray")
@@ -25,44 +25,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
     s.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
-    s.add_argument("--ingress", choices=INGRESS, default="auto",
+    s.add_argument("--ingress", choices=ingress.CHOICES, default="auto",
                    help="what listens on --port: 'direct', the ingress replica itself (Ray Serve's direct "
                         "ingress: no proxy hop per streamed chunk; needs the Ray cluster this command "
                         "starts), or 'proxy', Serve's HTTP proxy; auto: direct when this command starts Ray")
     return p
-
-
-INGRESS = ("auto", "direct", "proxy")
-
-
-def direct_ingress_env(port: int) -> dict[str, str]:
-    """Ray Serve settings (read when its processes start) that make the ingress replica serve `port`
-    itself. The proxy hop costs per streamed chunk: at 64 streams it capped tokens/s by ~1.4x
-    (docs/benchmarks.md, "Ray Serve settings side by side")."""
-    return {
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range's end is exclusive
-        # No load balancer has to deregister the replica first; `drain` waits for requests instead.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-        # A replica that Serve starts again must get `port` back at once, not 30 s later.
-        "RAY_SERVE_PORT_QUARANTINE_S": "0",
-    }
-
-
-def bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,33 +57,26 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from actors.cluster import connect
     from serve.app import build_app
+    from serve.ingress import direct_ingress_env, plan
 
     started_here = not (args.address or os.environ.get("RAY_ADDRESS"))
-    ingress = args.ingress if args.ingress != "auto" else ("direct" if started_here else "proxy")
-    proxy_port = opts.port
-    if ingress == "direct":
-        if not started_here:
-            print("fapool serve: --ingress direct: Ray Serve reads that setting when its processes start, so "
-                  "it needs the Ray cluster this command starts; with --address or RAY_ADDRESS use "
-                  "--ingress proxy (deploy/README.md says how to start a cluster with direct ingress)",
-                  file=sys.stderr)
-            return 2
-        # The replica binds --port only once it is up: say now, not after a failed deployment.
-        if not bindable(opts.host, opts.port):
-            print(f"fapool serve: --port {opts.port} on {opts.host} is already in use: stop what holds it or pass "
-                  "another --port", file=sys.stderr)
-            return 2
-        proxy_port = free_port(opts.host)  # Serve keeps a proxy; it answers here too, on its own port
+    try:
+        ingress = plan(args.ingress, started_here, opts.host, opts.port)
+    except ValueError as e:
+        print(f"fapool serve: {e}", file=sys.stderr)
+        return 2
+    if ingress.mode == "direct":
         os.environ.update(direct_ingress_env(opts.port))  # before Ray starts: its processes inherit them
     connect(args.address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": opts.host, "port": proxy_port})
+        serve.start(http_options={"host": opts.host, "port": ingress.proxy_port})
         serve.run(build_app(opts.model_dump()), name=APP, route_prefix="/", blocking=False)
         key = " (API key required)" if opts.resolved_api_key() else ""
-        how = f"direct ingress; Serve's proxy on port {proxy_port}" if ingress == "direct" else "Serve's proxy"
+        how = (f"direct ingress; Serve's proxy on port {ingress.proxy_port}" if ingress.mode == "direct"
+               else "Serve's proxy")
         print(f"FA Pool serving {opts.model!r} on http://{opts.host}:{opts.port}{key} ({how}); Ctrl-C to stop "
               f"(Ray at {ray.get_runtime_context().gcs_address})", flush=True)
         stop.wait()

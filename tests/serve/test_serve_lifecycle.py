@@ -76,7 +76,7 @@ def readme_direct_ingress_env() -> dict[str, str]:
 
 
 def test_serve_deploy_on_a_cluster_started_for_direct_ingress_serves_from_the_replica(tmp_path):
-    from serve.cli import direct_ingress_env
+    from serve.ingress import direct_ingress_env
 
     assert readme_direct_ingress_env() == direct_ingress_env(8100)  # the README's recipe is the CLI's
     replica_port, proxy = free_ports(2)
