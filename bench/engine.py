@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 long_ctx = 120000 if dev == "cuda" else 1500
                 result["stall"] = stall(engine, 8, 2000 if dev == "cuda" else 100, long_ctx, seed=5)
                 print(json.dumps(result["stall"]), flush=True)
-        del engine
+        engine = None  # its GPU memory goes before the next mode's engine is built
         if dev == "cuda":
             torch.cuda.empty_cache()
     out = Path(args.out)

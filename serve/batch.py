@@ -39,7 +39,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from serve.batch_watch import PoolWatcher

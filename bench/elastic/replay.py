@@ -13,7 +13,7 @@ there at their arrival times, with whole decode steps in the gaps, at the step t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from bench.elastic.costs import StepCosts
 from bench.elastic.workloads import Request
