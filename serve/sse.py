@@ -32,8 +32,9 @@ def _rate(name: str, default: str) -> float:
 
 # Serve's hop from a replica to its HTTP proxy costs about the same per HTTP chunk whatever the
 # chunk carries: one chunk per token caps a replica near 2,500 tokens/s in all (measured on the H200
-# host, issue 9). So the streams of this process together send at most about CHUNKS_PER_S chunks a
-# second: alone, a stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
+# host behind the proxy, issue 9; with direct ingress, `fapool serve`'s default, not re-measured).
+# So the streams of this process together send at most about CHUNKS_PER_S chunks a second: alone, a
+# stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
 CHUNKS_PER_S = _rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000")
 MAX_CHUNK_INTERVAL_S = 0.1
 _open_streams = 0

@@ -84,6 +84,14 @@ def ray_processes_of(pid: int) -> list[str]:
     return out.split()
 
 
+def assert_no_ray_left(server: Server, after: str, timeout_s: float = 30) -> None:
+    """The Ray processes a stopped `fapool serve` started are all gone within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while ray_processes_of(server.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_processes_of(server.proc.pid) == [], f"Ray processes left behind after {after}"
+
+
 @pytest.fixture(scope="package")
 def fapool_server():
     """The main server: tiny model, a small pool curve and a short cooldown."""
@@ -91,7 +99,4 @@ def fapool_server():
     yield server.url
     code = server.stop()
     assert code == 0
-    deadline = time.monotonic() + 30
-    while ray_processes_of(server.proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_processes_of(server.proc.pid) == [], "Ray processes left behind after Ctrl-C"
+    assert_no_ray_left(server, "Ctrl-C")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.serve.chaos_helpers import Driver, Stream, ids_of, reference, timed_get, wait_tokens
-from tests.serve.conftest import Server, ray_processes_of
+from tests.serve.conftest import Server, assert_no_ray_left
 
 POOLED = 24  # prompt tokens: over the curve's threshold (16), so these use the pool
 
@@ -19,10 +19,7 @@ def server():
     s = Server("--pool-curve", "16:1", "--pool-cooldown-s", "30", "--max-cpu-members", "1")
     yield s
     assert s.stop() == 0
-    deadline = time.monotonic() + 30
-    while ray_processes_of(s.proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_processes_of(s.proc.pid) == [], "Ray processes left behind"
+    assert_no_ray_left(s, "Ctrl-C")
 
 
 @pytest.fixture(scope="module")

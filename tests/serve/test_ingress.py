@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers.listeners import PROXY, REPLICA, cmdline, listener
 from tests.serve.chaos_helpers import Stream, ids_of, reference
-from tests.serve.conftest import FAPOOL, REPO, Server, free_port, ray_processes_of
+from tests.serve.conftest import FAPOOL, REPO, Server, assert_no_ray_left, free_port
 
 
 def proxy_port(server: Server, timeout_s: float = 60) -> int:
@@ -49,10 +49,7 @@ def exact_stream(url: str, seed: int) -> None:
 
 def stop_cleanly(server: Server) -> None:
     assert server.stop() == 0
-    deadline = time.monotonic() + 30
-    while ray_processes_of(server.proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_processes_of(server.proc.pid) == [], "Ray processes left behind after Ctrl-C"
+    assert_no_ray_left(server, "Ctrl-C")
 
 
 def test_direct_ingress_serves_the_port_and_a_killed_replica_comes_back_on_it():

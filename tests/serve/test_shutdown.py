@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.serve.chaos_helpers import Stream, ids_of, timed_get, wait_tokens
-from tests.serve.conftest import Server, ray_processes_of
+from tests.serve.conftest import Server, assert_no_ray_left
 
 GRACE_S = 8.0
 
@@ -80,7 +80,4 @@ def test_sigterm_drains_streams_then_exits_0_leaving_no_ray_process(server):
     assert GRACE_S - 1 <= ended <= GRACE_S + 10, ended
     assert server.proc.wait(timeout=60) == 0
     server.log.close()
-    deadline = time.monotonic() + 30
-    while ray_processes_of(server.proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_processes_of(server.proc.pid) == [], "Ray processes left behind after SIGTERM"
+    assert_no_ray_left(server, "SIGTERM")
