@@ -9,7 +9,7 @@ import torch
 
 from fapool.attention import select_kernel
 from fapool.config import ModelConfig
-from fapool.kvcache import KVCache, capacity_from_memory
+from fapool.pool.kv_store import KVCache, capacity_from_memory
 from fapool.loader import DTYPES, resolve_device
 from fapool.pool.membership import JoinSpec, MemberInfo
 from fapool.pool.shard_server import ShardServer

@@ -12,11 +12,11 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from fapool.attention import select_kernel
-from fapool.batch import StepBatch
+from fapool.step_batch import StepBatch
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.graphs import BUCKETS, SegmentGraphs
-from fapool.kvcache import capacity_from_memory
+from fapool.pool.kv_store import capacity_from_memory
 from fapool.paged_cache import PagedKVCache
 from fapool.loader import LoadedModel, load_model
 from fapool.logits import process_logits

@@ -15,7 +15,7 @@ import torch
 
 from fapool.attention import AttentionKernel
 from fapool.attention.paged import PagedPlan
-from fapool.batch import StepBatch
+from fapool.step_batch import StepBatch
 from fapool.paged_cache import PagedKVCache
 from fapool.profiling import PhaseTimer
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fapool.batch import StepBatch
+from fapool.step_batch import StepBatch
 from fapool.sequence import Sequence
 from fapool.step_graph import PagedDecodeGraphs
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from fapool.batch import StepBatch
+    from fapool.step_batch import StepBatch
     from fapool.sequence import Sequence
 
 # Prompt rows turned into logits at once: bounds the (rows, vocab) float32 buffer of a long prompt.

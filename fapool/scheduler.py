@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from fapool.batch import SeqSlice, StepBatch
+from fapool.step_batch import SeqSlice, StepBatch
 from fapool.executor import AttentionExecutor
 from fapool.sequence import Sequence, SeqStatus
 

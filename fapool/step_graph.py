@@ -24,7 +24,7 @@ import torch
 
 from fapool.attention import AttentionKernel
 from fapool.attention.paged import merge_splits, split_table
-from fapool.batch import SeqSlice
+from fapool.step_batch import SeqSlice
 from fapool.model import LlamaForCausalLM
 from fapool.model.ops import fused
 from fapool.paged_cache import PagedKVCache

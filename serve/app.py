@@ -13,16 +13,16 @@ from serve.errors import install_handlers
 from serve.guard import Guard
 from serve.openapi import install_openapi
 from serve.options import ServeOptions
-from serve.routes_docs import router as docs_router
-from serve.routes_generate import router as generate_router
-from serve.routes_openai import router as openai_router
-from serve.routes_ops import router as ops_router
-from serve.routes_tokens import router as tokens_router
+from serve.routes.docs import router as docs_router
+from serve.routes.generate import router as generate_router
+from serve.routes.openai import router as openai_router
+from serve.routes.ops import router as ops_router
+from serve.routes.tokens import router as tokens_router
 from serve.service import InferenceService, guard_settings, set_current
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="FA Pool", version="0.1.0", docs_url=None, redoc_url=None)  # served offline: routes_docs
+    app = FastAPI(title="FA Pool", version="0.1.0", docs_url=None, redoc_url=None)  # served offline: serve/routes/docs.py
     app.add_middleware(Guard, settings=guard_settings)
     install_handlers(app)
     for router in (generate_router, openai_router, tokens_router, ops_router, docs_router):

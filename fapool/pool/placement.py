@@ -8,7 +8,7 @@ break the group), and the members need no allocator of their own for pooled KV.
 from __future__ import annotations
 
 from fapool.pool.membership import MemberInfo
-from fapool.kvcache import RowAllocator
+from fapool.pool.kv_store import RowAllocator
 
 
 class ShardPlacement:

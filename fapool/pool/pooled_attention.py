@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fapool.attention import AttentionKernel, query_blocks
-from fapool.batch import StepBatch
+from fapool.step_batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention
 from fapool.paged_cache import PagedKVCache

@@ -11,7 +11,7 @@ import torch
 
 from fapool.attention import AttentionKernel, prefill_block
 from fapool.config import ModelConfig
-from fapool.kvcache import KVCache
+from fapool.pool.kv_store import KVCache
 from fapool.pool.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, TAG_OUT, PartLayout, decode_prefill
 from fapool.pool.transport import DataPlane
 from fapool.profiling import PhaseTimer

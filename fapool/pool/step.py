@@ -14,7 +14,7 @@ import torch
 
 from fapool.attention import AttentionKernel, prefill_block
 from fapool.attention.merge import merge_stacked
-from fapool.batch import StepBatch
+from fapool.step_batch import StepBatch
 from fapool.config import ModelConfig
 from fapool.executor import LocalAttention, RowsPlan
 from fapool.pool.membership import EpochSpec

@@ -92,7 +92,7 @@ def test_deploy_readme_commands_and_paths():
     for path in set(re.findall(r"\bdeploy/[\w./-]+\.(?:yaml|json)", text)):
         assert (ROOT / path).exists(), path
     from fapool.config import PRESETS
-    from serve.batch_lines import BatchRequest, parse_line
+    from serve.batch.lines import BatchRequest, parse_line
 
     for line in re.findall(r"^\{.*\}$", text, flags=re.M):  # the JSONL examples are valid batch lines
         req = parse_line(1, line)

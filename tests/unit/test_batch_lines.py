@@ -3,8 +3,8 @@ name before anything starts (the end-to-end job is `tests/serve/test_batch_job.p
 import json
 
 from fapool import SamplingParams
-from serve.batch import main
-from serve.batch_lines import BatchRequest, parse_line
+from serve.batch.job import main
+from serve.batch.lines import BatchRequest, parse_line
 
 
 def test_parse_line_defaults_and_errors():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
-from fapool.batch import SeqSlice, StepBatch
+from fapool.step_batch import SeqSlice, StepBatch
 from tests.helpers.checkpoints import make_llama_checkpoint, make_qwen2_checkpoint
 
 STEPS = 32

@@ -11,7 +11,7 @@ import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.attention import select_kernel
-from fapool.kvcache import KVCache
+from fapool.pool.kv_store import KVCache
 from fapool.policy import PolicyConfig, PoolCurve
 from fapool.pool.membership import EpochSpec, MemberInfo
 from fapool.pool.pooled_attention import PooledAttention

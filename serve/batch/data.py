@@ -17,7 +17,7 @@ import pandas as pd
 import ray
 
 from fapool.errors import ErrorType
-from serve.batch_lines import BatchRequest, parse_line, run_request
+from serve.batch.lines import BatchRequest, parse_line, run_request
 
 # Ray Data's tasks only move bytes: a small CPU share each, so that the job never waits for CPUs
 # the base actors' engine threads are already using (they reserve none), and never deadlocks.

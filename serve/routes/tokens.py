@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, model_validat
 
 from serve.errors import APIError
 from serve.fields import TokenId, Text
-from serve.routes_openai import check_model
+from serve.routes.openai import check_model
 from serve.schemas import ChatMessage
 from serve.service import current
 

@@ -4,7 +4,7 @@ import torch
 
 from fapool.attention import ReferenceKernel
 from fapool.config import TINY
-from fapool.kvcache import KVCache
+from fapool.pool.kv_store import KVCache
 
 
 def test_regions_are_disjoint_and_merge_back():
@@ -60,7 +60,7 @@ def test_merge_stacked_equals_the_tree():
 
 
 def test_row_allocator_places_where_told_and_refuses_overlaps():
-    from fapool.kvcache import RowAllocator
+    from fapool.pool.kv_store import RowAllocator
 
     rows = RowAllocator(100)
     assert rows.allocate("a", 30) == 0

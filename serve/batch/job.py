@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from serve.batch_watch import PoolWatcher
+from serve.batch.watch import PoolWatcher
 from serve.options import ClusterOptions, add_flags, options_from
 
 OVERLOAD_RETRY_S = 300.0  # how long a line refused as "overloaded" keeps being retried
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from actors.config import CONTROLLER_NAME
-    from serve.batch_data import Tally, run_pipeline, summary_counts
+    from serve.batch.data import Tally, run_pipeline, summary_counts
 
     t0 = time.monotonic()
     cluster, owned = open_cluster(args, cfg)
@@ -205,6 +205,3 @@ def main(argv: list[str] | None = None) -> int:
     server_failed = summary["errors_by_type"]["internal"] + summary["errors_by_type"]["overloaded"]
     return 1 if server_failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
