@@ -10,7 +10,8 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve.errors import install_handlers
-from serve.guard import Guard
+from serve.guard import Guard, set_body_read_timeout
+from serve.ingress import bind_replica_grpc_to_node_ip
 from serve.openapi import install_openapi
 from serve.options import ServeOptions
 from serve.routes.docs import router as docs_router
@@ -39,7 +40,9 @@ app = create_app()
 @serve.ingress(app)
 class FAPoolIngress:
     def __init__(self, options: dict[str, Any]) -> None:
+        bind_replica_grpc_to_node_ip()
         opts = ServeOptions(**options)
+        set_body_read_timeout(opts.body_read_timeout_s)
         self.service = InferenceService(opts.cluster_config(), opts.limits())
         set_current(self.service, opts.resolved_api_key())
 

@@ -18,6 +18,7 @@ from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
+    from serve.http_limits import HttpLimits
     from serve.service import ServeLimits
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -106,9 +107,21 @@ class ServeOptions(ClusterOptions):
     max_inflight: int = Field(1024, ge=1, description="requests in flight before HTTP 429")
     request_timeout_s: float = Field(600.0, gt=0, description="a longer request ends with HTTP 504")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="larger request bodies get HTTP 413")
+    body_read_timeout_s: float = Field(10.0, gt=0, description="a body that stops arriving this long gets HTTP 408")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="a larger request line plus headers gets HTTP 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must complete within this "
+                                                           "(else HTTP 408 and a close)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(2048, ge=1, description="open connections at most; past it HTTP 503 and a close")
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
+
+    def http_limits(self) -> HttpLimits:
+        from serve.http_limits import HttpLimits
+
+        return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,
+                          keep_alive_s=self.keep_alive_s, max_connections=self.max_connections)
 
     def limits(self) -> ServeLimits:
         from serve.service import ServeLimits

@@ -1,0 +1,163 @@
+"""How a process starts or joins Ray, closed by default.
+
+A Ray cluster runs any code a client sends it (CVE-2023-48022, "ShadowRay"), so the one that
+`fapool serve`, a job's driver or `serve.batch` starts is reachable by its user only:
+
+- every Ray process listens on loopback: the node IP is 127.0.0.1, which makes Ray's gRPC servers
+  (GCS, raylet, workers, agents) bind 127.0.0.1 alone, and the dashboard (Jobs API) binds it too.
+  `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is Ray's own switch for that: without it `ray.init` turns
+  a loopback `_node_ip_address` into the machine's external address;
+- Ray's token authentication stays on (Ray's default for a new cluster, unless `RAY_AUTH_MODE` says
+  otherwise), with the token file at mode 0600;
+- with `RAY_AUTH_MODE=disabled` (tests, CI) nothing but loopback is allowed at all.
+
+`ray.init` fixes the dashboard agent's HTTP port (the Jobs API's back end) at 52365 and has no
+argument for it, so a second cluster on the host could not bind it and lost job submission; the
+agent gets a free port instead, which it registers in the GCS, where the dashboard finds it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import ray
+
+log = logging.getLogger("fapool")
+LOOPBACK = "127.0.0.1"
+
+
+def auth_mode() -> str:
+    """'token' or 'disabled': what `RAY_AUTH_MODE` says, else Ray's default for a new cluster."""
+    return "disabled" if os.environ.get("RAY_AUTH_MODE", "token").lower() == "disabled" else "token"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a DNS name: assume it leaves the machine
+
+
+def address_host(address: str) -> str | None:
+    """The host of a Ray address (`HOST:PORT`, `ray://HOST:PORT`, `http://HOST:PORT`); None for
+    `auto`/`local`, which mean a cluster on this machine."""
+    if address in ("auto", "local"):
+        return None
+    return urlsplit(address if "://" in address else "//" + address).hostname
+
+
+def check_address(address: str | None, node_ip: str = LOOPBACK) -> None:
+    """Raises ValueError when Ray would be reachable beyond loopback without token auth."""
+    if auth_mode() != "disabled":
+        return
+    host = address_host(address) if address else node_ip
+    if host is not None and not is_loopback(host):
+        what = f"the Ray address {address!r}" if address else f"--ray-host {node_ip}"
+        raise ValueError(f"{what} is not loopback and RAY_AUTH_MODE=disabled: anyone who reaches it could run "
+                         "code on the cluster; unset RAY_AUTH_MODE (Ray's token auth) or use a loopback address")
+
+
+def token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def ensure_private_token() -> None:
+    """The token file exists and only its owner can read it. Ray writes a new one with the umask's
+    mode (0644 by default), so this writes it first, at 0600, and narrows an existing one."""
+    if os.environ.get("RAY_AUTH_TOKEN"):  # given inline: no file
+        return
+    path = token_path()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits
+    elif path.stat().st_mode & 0o077:
+        log.warning("Ray's token file %s was readable by others; its mode is now 0600", path)
+        os.chmod(path, 0o600)
+
+
+@contextmanager
+def _free_agent_port() -> Iterator[None]:
+    from ray._private import parameter
+
+    base = parameter.RayParams
+
+    def params(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("dashboard_agent_listen_port", 0)  # 0: any free port (the agent reports it)
+        return base(*args, **kwargs)
+
+    parameter.RayParams = params  # ray.init looks it up on each call
+    try:
+        yield
+    finally:
+        parameter.RayParams = base
+
+
+def use_loopback() -> None:
+    """This process (and those it starts) takes loopback for this node's IP, as the cluster that
+    `start_local` starts does; a client of that cluster needs it too, or Ray turns the loopback
+    address it is given into the machine's external one, where nothing listens."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's processes read it when they start
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
+
+
+def start_local(node_ip: str = LOOPBACK, **init_kwargs: Any) -> Any:
+    """Start a Ray instance here, closed by default (see the module's doc); returns ray.init's context."""
+    check_address(None, node_ip)
+    if is_loopback(node_ip):
+        use_loopback()
+        node_ip = LOOPBACK
+    if auth_mode() == "token":
+        ensure_private_token()
+    init_kwargs.setdefault("dashboard_host", node_ip)
+    with _free_agent_port():
+        return ray.init(_node_ip_address=node_ip, **init_kwargs)
+
+
+def join(address: str, **init_kwargs: Any) -> Any:
+    """Join a running cluster; warns when it answers without a token."""
+    check_address(address)
+    host = address_host(address)
+    if host is None or is_loopback(host):
+        use_loopback()
+    ctx = ray.init(address=address, **init_kwargs)
+    if not accepts_tokenless(ctx.dashboard_url):
+        return ctx
+    log.warning("the Ray cluster at %s has no authentication: anyone who reaches its ports can run code on it. "
+                "Start it with RAY_AUTH_MODE=token and keep it on a private network (deploy/README.md, "
+                "'Securing a Ray cluster')", address)
+    return ctx
+
+
+def accepts_tokenless(dashboard_url: str | None) -> bool:
+    """Whether the cluster runs without token auth, as its dashboard's public
+    `/api/authentication_mode` says (no dashboard: whether we got in without a token)."""
+    if not dashboard_url:
+        return auth_mode() == "disabled"
+    url = (dashboard_url if "://" in dashboard_url else "http://" + dashboard_url) + "/api/authentication_mode"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.load(r).get("authentication_mode") == "disabled"
+    except (OSError, ValueError):
+        return auth_mode() == "disabled"
+
+
+def jobs_api(ctx: Any) -> str | None:
+    """The Jobs API's address (Ray's dashboard) of a cluster this process is connected to."""
+    url = getattr(ctx, "dashboard_url", None)
+    if not url:
+        return None
+    return url if "://" in url else "http://" + url
