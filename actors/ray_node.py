@@ -18,11 +18,9 @@ agent gets a free port instead, which it registers in the GCS, where the dashboa
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import secrets
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -134,7 +132,7 @@ def join(address: str, **init_kwargs: Any) -> Any:
     if host is None or is_loopback(host):
         use_loopback()
     ctx = ray.init(address=address, **init_kwargs)
-    if not accepts_tokenless(ctx.dashboard_url):
+    if not accepts_tokenless(ray.get_runtime_context().gcs_address):
         return ctx
     log.warning("the Ray cluster at %s has no authentication: anyone who reaches its ports can run code on it. "
                 "Start it with RAY_AUTH_MODE=token and keep it on a private network (deploy/README.md, "
@@ -142,17 +140,22 @@ def join(address: str, **init_kwargs: Any) -> Any:
     return ctx
 
 
-def accepts_tokenless(dashboard_url: str | None) -> bool:
-    """Whether the cluster runs without token auth, as its dashboard's public
-    `/api/authentication_mode` says (no dashboard: whether we got in without a token)."""
-    if not dashboard_url:
-        return auth_mode() == "disabled"
-    url = (dashboard_url if "://" in dashboard_url else "http://" + dashboard_url) + "/api/authentication_mode"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.load(r).get("authentication_mode") == "disabled"
-    except (OSError, ValueError):
-        return auth_mode() == "disabled"
+def accepts_tokenless(gcs_address: str) -> bool:
+    """Whether the cluster's GCS answers a call that carries no token. (Its dashboard's
+    `/api/authentication_mode` would say too, but a joined driver may be told a stale dashboard
+    address: the port Ray wanted, not the free one it took.)"""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    if auth_mode() == "disabled":
+        return True  # we got in without a token
+    with grpc.insecure_channel(gcs_address) as channel:
+        kv = gcs_service_pb2_grpc.InternalKVGcsServiceStub(channel)
+        try:
+            kv.InternalKVKeys(gcs_service_pb2.InternalKVKeysRequest(prefix=b"fapool-auth-probe/"), timeout=10)
+        except grpc.RpcError:
+            return False  # UNAUTHENTICATED, or a channel we cannot judge (TLS): no warning
+    return True
 
 
 def jobs_api(ctx: Any) -> str | None:

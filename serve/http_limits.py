@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 HOOK = "serve.http_limits:install"
-ENV = "FAPOOL_HTTP_LIMITS"  # how the values reach Serve's processes, not a setting of its own
+# How the values reach Serve's processes, not a setting of its own (no FAPOOL_ prefix: the
+# supervisor forwards those to every actor it starts).
+ENV = "RAY_SERVE_FAPOOL_HTTP_LIMITS"
 
 
 @dataclass(frozen=True)

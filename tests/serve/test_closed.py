@@ -201,6 +201,14 @@ def test_joining_a_cluster_without_auth_warns(fapool_server, caplog):
         ray.shutdown()
 
 
+def test_the_auth_probe_tells_the_two_clusters_apart(token_server, fapool_server, monkeypatch):
+    port = int(fapool_server.rsplit(":", 1)[1])
+    open_gcs = re.search(r"Ray at (\S+?)\)", Path(f"/tmp/fapool-serve-{port}.log").read_text()).group(1)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a client that has a token: it must probe
+    assert ray_node.accepts_tokenless(open_gcs) is True
+    assert ray_node.accepts_tokenless(gcs(token_server)) is False
+
+
 # ---- jobs as the README types them ---------------------------------------------------------
 def readme_job_line() -> str:
     readme = (REPO / "README.md").read_text()
@@ -232,6 +240,7 @@ def test_readme_job_line_works_as_typed_beside_a_second_server(token_server, fap
                            cwd=REPO, capture_output=True, text=True, timeout=500)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the job did not end in 500 s:\n{(e.stdout or b'').decode(errors='replace')[-5000:]}")
+    Path("/tmp/fapool-test-closed-job.log").write_text(r.stdout + r.stderr)  # the whole of it, for a failure
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "SUMMARY" in r.stdout and '"ok": 2' in r.stdout, r.stdout[-3000:]
     records = [json.loads(x) for f in sorted(out.glob("*.json")) for x in f.read_text().splitlines()]
@@ -290,3 +299,34 @@ def test_body_read_timeout_is_a_flag():
     for flag in ("--body-read-timeout-s", "--max-header-bytes", "--header-timeout-s", "--keep-alive-s",
                  "--max-connections", "--ray-host"):
         assert flag in r.stdout, flag
+
+
+# ---- /health follows a real kill (last: it kills this module's server's only base) -------------
+def base_pid(server) -> int:
+    [pid] = [p for p in cluster_pids(server)
+             if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::BaseActor")]
+    return pid
+
+
+def test_health_turns_503_at_once_when_the_last_base_dies_and_stays_so_until_it_serves(token_server):
+    url, auth = token_server.url, {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").status_code == 200
+        pid = base_pid(token_server)
+        os.kill(pid, 9)  # a real death: Ray restarts the process, which loads the model again
+        killed = time.monotonic()
+        while (h := c.get("/health")).status_code == 200:
+            assert time.monotonic() - killed < 10, "/health stayed 200 with the only base dead"
+        took = time.monotonic() - killed
+        assert h.status_code == 503 and h.json()["error"]["code"] == "unhealthy"
+        codes = []
+        while (h := c.get("/health")).status_code == 503:  # no 200 before the base is back
+            codes.append(h.status_code)
+            assert time.monotonic() - killed < 120, "no recovery within 120 s"
+            time.sleep(0.05)
+        assert h.status_code == 200
+        r = c.post("/generate", headers=auth, json={"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text  # 200 again means a base serves again
+    print(f"/health said 503 {took:.3f}s after the kill ({len(codes)} more 503s until the base was back)")
+    # The bound is 0.5 s; a 2-core machine shared with other test runs adds scheduling delay.
+    assert took < 0.5 + 0.5, took
