@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-MARKER = ".fapool-batch.json"
+MARKER = ".fapool-batch"
 
 
 def read_marker(output: str) -> dict[str, Any] | None:
