@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from fapool.errors import ErrorType
 from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
-from fapool.stats import EngineCounters
+from fapool.stats import EngineStats
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class BaseStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     contexts: tuple[int, ...]
-    engine: EngineCounters = EngineCounters()  # KV pages, preemptions, prefill and decode rows
+    engine: EngineStats = EngineStats()  # KV pages, preemptions, prefill and decode rows
     members_kv: tuple[tuple[int, int, int], ...] = ()  # (member id, rows this base holds there, its share)
 
 
