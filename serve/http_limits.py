@@ -13,7 +13,8 @@ direct ingress, in the ingress replica, and exposes none of these settings but t
 - closes idle keep-alive connections after `keep_alive_s`;
 - answers 503 and closes past `max_connections` open connections;
 - answers every parser error (a bad request line, Content-Length with Transfer-Encoding, a
-  negative Content-Length, TLS bytes on the plain port) in the API's JSON error shape.
+  negative Content-Length, TLS bytes on the plain port) in the API's JSON error shape;
+- and `JsonErrors` gives Serve's own plain-text errors (503, 500) that shape too.
 
 The values are ServeOptions fields (flags); `fapool serve` hands them to those processes in the
 environment they inherit, next to the hook (`env`).
@@ -46,14 +47,58 @@ def env(limits: HttpLimits) -> dict[str, str]:
 
 
 def install() -> list:
-    """Serve's proxy callback: make this process's Serve HTTP server a LimitedH11 one. Returns no
-    middleware (the callback's contract is a list of them)."""
+    """Serve's proxy callback: make this process's Serve HTTP server a LimitedH11 one, and return
+    the one middleware it should wrap its ASGI app in (the callback's contract: a list of them)."""
     from ray.serve._private import http_util
+    from starlette.middleware import Middleware
 
     limits = HttpLimits(**json.loads(os.environ.get(ENV) or "{}"))
     if not isinstance(http_util.uvicorn, _Uvicorn):
         http_util.uvicorn = _Uvicorn(http_util.uvicorn, limits)
-    return []
+    return [Middleware(JsonErrors)]
+
+
+ERROR_CODES = {404: "not_found", 408: "timeout", 500: "internal_error", 503: "unavailable"}
+
+
+class JsonErrors:
+    """Serve's own error responses are plain text (a full queue's or a restarting replica's 503,
+    a 500 from outside the app): the same status, in the API's error shape. JSON and success
+    responses (streams included) pass untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict | None = None
+        body = b""
+
+        async def rewriting(msg: dict) -> None:
+            nonlocal held, body
+            if msg["type"] == "http.response.start":
+                ctype = dict((k.lower(), v) for k, v in msg.get("headers", ())).get(b"content-type", b"")
+                if msg["status"] >= 400 and not ctype.startswith(b"application/json"):
+                    held = msg
+                    return
+            elif held is not None and msg["type"] == "http.response.body":
+                body += msg.get("body", b"")
+                if msg.get("more_body", False):
+                    return
+                from serve.errors import error_body
+
+                status = held["status"]
+                text = body.decode(errors="replace").strip() or f"HTTP {status}"
+                payload = json.dumps(error_body(status, text, ERROR_CODES.get(status, "server_error"))).encode()
+                headers = [(k, v) for k, v in held.get("headers", ()) if k.lower() not in (b"content-type",
+                                                                                           b"content-length")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+                await send({**held, "headers": headers})
+                return await send({"type": "http.response.body", "body": payload})
+            await send(msg)
+
+        await self.app(scope, receive, rewriting)
 
 
 class _Uvicorn:

@@ -11,16 +11,24 @@ import time
 import pytest
 import uvicorn
 
-from serve.http_limits import HttpLimits, _Uvicorn
+from serve.http_limits import HttpLimits, JsonErrors, _Uvicorn
 
 LIMITS = HttpLimits(max_header_bytes=8 << 10, header_timeout_s=1.0, keep_alive_s=1, max_connections=4)
 
 
-async def app(scope, receive, send):
+async def plain(scope, receive, send):
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/busy":  # what Serve's proxy sends when the replica's queue is full
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+app = JsonErrors(plain)  # as install() has Serve wrap its ASGI app
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +143,10 @@ def test_connections_past_the_limit_get_503(port):
     with connect(port) as c:  # below the limit again
         c.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         assert read_to_close(c).startswith(b"HTTP/1.1 200")
+
+
+def test_serves_own_plain_text_errors_become_openai_shaped(port):
+    with connect(port) as c:
+        c.sendall(b"GET /busy HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        status, err = parsed(read_to_close(c))
+        assert status == 503 and err["code"] == "unavailable" and "backpressure" in err["message"]
