@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -121,8 +122,16 @@ def start_local(node_ip: str = LOOPBACK, **init_kwargs: Any) -> Any:
     if auth_mode() == "token":
         ensure_private_token()
     init_kwargs.setdefault("dashboard_host", node_ip)
+    # A temp dir of its own: Ray's job supervisor sends each job's driver to "the latest cluster
+    # started in this temp dir" (its ray_current_cluster file), which in the shared /tmp/ray is
+    # whichever `ray start` ran last on the host, not this cluster.
+    temp_dir = init_kwargs.pop("_temp_dir", None) or tempfile.mkdtemp(prefix="fapool-ray-", dir="/tmp")
     with _free_agent_port():
-        return ray.init(_node_ip_address=node_ip, **init_kwargs)
+        ctx = ray.init(_node_ip_address=node_ip, _temp_dir=temp_dir, **init_kwargs)
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
+    return ctx
 
 
 def join(address: str, **init_kwargs: Any) -> Any:
