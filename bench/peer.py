@@ -120,12 +120,12 @@ def combine(paths: list[Path], out_dir: Path, doc: Path | None) -> list[Path]:
         part = json.loads(p.read_text())
         key = (part["preset"], part["card"])
         m = merged.setdefault(key, {"preset": part["preset"], "card": part["card"], "parts": {}})
-        m["parts"][part["part"]] = {k: part[k] for k in ("date", "commit", "command") if k in part}
-        for k in ("engine", "http"):
-            if k in part:
-                m[k] = part[k]
+        m["parts"][p.stem] = {k: part[k] for k in ("date", "commit", "command") if k in part}
+        for k in ("engine", "http"):  # two part files of one kind (say, each server's) add up
+            m.setdefault(k, {}).update(part.get(k, {}))
         for k in ("vllm_version", "commit", "date"):
-            m.setdefault(k, part.get(k))
+            if part.get(k):
+                m.setdefault(k, part[k])
     written = []
     for (preset, cardname), m in merged.items():
         m["points"] = rows(m)
@@ -152,9 +152,9 @@ def section(results: list[dict]) -> str:
             st = r.get("http", {}).get(eng, {}).get("stall")
             if st:
                 lines.append(f"- Stall, {eng}: 8 streams at 2,000 tokens while a {st['long_tokens']:,}-token prompt "
-                             f"arrives: largest gap {st['max_gap_ms']:.1f} ms; the streams' gap before it "
-                             f"{st['gap_before_p50_ms']:.2f} ms (p50), during it {st['gap_during_p50_ms']:.2f} ms "
-                             f"(p50); the long prompt's TTFT {st['long_ttft_with_streams_ms']:.0f} ms vs "
+                             f"arrives: largest gap between two events of a stream {st['max_gap_ms']:.1f} ms (p50 "
+                             f"{st['gap_during_p50_ms']:.2f} ms; before it, events come in gathered bursts, p50 "
+                             f"{st['gap_before_p50_ms']:.2f} ms); the long prompt's TTFT {st['long_ttft_with_streams_ms']:.0f} ms vs "
                              f"{st['long_ttft_alone_ms']:.0f} ms alone.")
         lines.append("")
     return "\n".join(lines + [END])
