@@ -38,7 +38,8 @@ class ServeLimits:
 
 
 class InferenceService:
-    def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits()) -> None:
+    def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits(),
+                 model_names: tuple[str, ...] = ()) -> None:
         self.cfg, self.limits = cfg, limits
         # This replica owns its cluster: `serve shutdown` or a redeploy ends the replica and with
         # it every actor of the cluster, and a redeploy starts one with the new settings.
@@ -54,7 +55,9 @@ class InferenceService:
             self.cluster.generate(None, warm, prompt_token_ids=[1], base=base)
             self.cluster.feed(b)  # the Ray stream that will carry this replica's requests, opened now
         model = cfg.engine.model
-        self.model_name = model if model in PRESETS else model.rstrip("/").split("/")[-1]
+        # The first is the id responses carry; `model` may be any (--served-model-name).
+        self.model_names = model_names or (model if model in PRESETS else model.rstrip("/").split("/")[-1],)
+        self.model_name = self.model_names[0]
         model_cfg = PRESETS[model] if model in PRESETS else load_model_config(model)
         self.tokenizer: Tokenizer = load_tokenizer(model, model_cfg)
         self.metrics = Metrics(lambda: self._snap)
