@@ -166,7 +166,7 @@ async def completions(body: CompletionBody):
                 _, ids, echo, _ = jobs[i // n]
                 text, entries = ev.text_delta, output_entries(ev.new_token_ids, ev.logprobs)
                 if only:
-                    text, entries, ev = "", [], replace(ev, completion_tokens=0,
+                    text, entries, ev = "", [], replace(ev, new_token_ids=(), logprobs=(), completion_tokens=0,
                                                         finish_reason=ev.finish_reason and "length")
                 if not started[i] and (ev.new_token_ids or ev.finish_reason):
                     started[i] = True
