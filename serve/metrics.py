@@ -78,10 +78,12 @@ class _PoolCollector:
         yield events
         yield GaugeMetricFamily("fapool_requests_running", "Requests in running batches", value=snap.running)
         yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
-        yield from _engine_metrics(snap.bases)
+        # A base keeps its share of a member until it hears the member left: only members in the
+        # pool now have series, so a drained member's go away at the next scrape.
+        yield from _engine_metrics(snap.bases, set(snap.status.members) if snap.status else set())
 
 
-def _engine_metrics(bases: list[BaseStats]) -> Iterable[Metric]:
+def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metric]:
     def family(kind: type, name: str, doc: str, label: str = "base") -> Metric:
         return kind(name, doc, labels=[label])
 
@@ -101,7 +103,7 @@ def _engine_metrics(bases: list[BaseStats]) -> Iterable[Metric]:
         preempt.add_metric(label, e.num_preemptions)
         prefill.add_metric(label, e.num_prefill_tokens)
         decode.add_metric(label, e.num_decode_tokens)
-        for mid, rows, share in b.members_kv:  # each base holds a share of every member's arena
+        for mid, rows, share in (m for m in b.members_kv if m[0] in members):  # a share of each member's arena
             member_used[mid] = member_used.get(mid, 0) + rows
             member_total[mid] = member_total.get(mid, 0) + share
     m_used = family(GaugeMetricFamily, "fapool_pool_member_kv_used_tokens", "KV rows held on a pool member", "member")

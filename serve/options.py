@@ -29,7 +29,9 @@ class ClusterOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("tiny", description="'tiny' (embedded), 'paper', or a Hugging Face model directory")
+    model: str = Field("tiny", description="a preset: 'tiny' (embedded), 'paper' (the paper's 1.3 B "
+                                                "shape) or 'llama8b' (Llama-3.1-8B's shape), random weights; or a "
+                                                "Hugging Face model directory")
     device: str = Field("auto", description="where the model runs; auto: cuda if available",
                         json_schema_extra={"choices": DEVICES})
     base_actors: int = Field(1, ge=1, description="base actors (one GPU each)")
@@ -106,6 +108,24 @@ class ServeOptions(ClusterOptions):
     max_inflight: int = Field(1024, ge=1, description="requests in flight before HTTP 429")
     request_timeout_s: float = Field(600.0, gt=0, description="a longer request ends with HTTP 504")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="larger request bodies get HTTP 413")
+    served_model_name: list[str] | None = Field(
+        None, description="the model's names in the API (as vLLM's flag): the first is the id responses carry, "
+                          "each is accepted as `model`; default: the preset's name or the directory's basename")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not n.strip() for n in v)):
+            raise ValueError("give one or more non-empty names")
+        return v
+
+    def model_names(self) -> tuple[str, ...]:
+        """The names `model` may be: the served names, else the model's short name, and the
+        --model value as given (vLLM's default name is that path)."""
+        if self.served_model_name:
+            return tuple(dict.fromkeys(self.served_model_name))
+        short = self.model if self.model in PRESETS else self.model.rstrip("/").split("/")[-1]
+        return tuple(dict.fromkeys([short, self.model]))
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
@@ -125,6 +145,9 @@ def add_flags(p: argparse.ArgumentParser | Any, model: type[BaseModel]) -> None:
         if f.annotation in (bool, bool | None):  # --foo / --no-foo (neither: None, the default)
             p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.description)
+            continue
+        if f.annotation in (list[str], list[str] | None):  # --foo A B C
+            p.add_argument("--" + name.replace("_", "-"), nargs="+", default=f.default, help=f.description)
             continue
         p.add_argument("--" + name.replace("_", "-"), type=_scalar(f.annotation), default=f.default,
                        choices=extra.get("choices"), help=f.description)
