@@ -22,6 +22,7 @@ from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
 from serve.metrics import Metrics, Snapshot
+from serve.sse import gathering
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class ServeLimits:
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
     status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
+    stream_chunks_per_s: float = 1000.0  # `--stream-chunks-per-s`: serve/sse.py's gathering
 
 
 class InferenceService:
@@ -250,6 +252,7 @@ _guard_settings: tuple[str | None, int] = (None, ServeLimits().max_body_bytes)
 def set_current(service: InferenceService, api_key: str | None) -> None:
     global _current, _guard_settings
     _current, _guard_settings = service, (api_key, service.limits.max_body_bytes)
+    gathering.set_rate(service.limits.stream_chunks_per_s)
 
 
 def current() -> InferenceService:
