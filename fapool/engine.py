@@ -49,7 +49,8 @@ class LLMEngine:
         # The arena takes its share up front: leave room for a long prefill's activations.
         capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev, 0.75)
         page = config.page_size or (128 if dev.type == "cuda" else 16)
-        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len)
+        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len,
+                                  config.prefix_caching)
         if executor_factory is None:
             kernel = select_kernel(dev, config.attention_kernel, dtype=self.loaded.dtype)
             self.executor: AttentionExecutor = LocalAttention(self.cache, kernel)
@@ -142,8 +143,10 @@ class LLMEngine:
 
     def counters(self) -> EngineCounters:
         c = self.cache
+        p = c.prefix
         return EngineCounters(c.num_pages - 1 - c.free_pages, c.num_pages - 1, c.page_size,
-                              self.scheduler.num_preemptions, self.num_prefill_tokens, self.num_decode_tokens)
+                              self.scheduler.num_preemptions, self.num_prefill_tokens, self.num_decode_tokens,
+                              p.queries if p else 0, p.hits if p else 0, c.cached_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight() is not None or bool(self._spill)
@@ -211,6 +214,7 @@ class LLMEngine:
         lps = sampled_logprobs(logits, tokens, [p.logprobs for p in params])
         for seq, s in zip(seqs, batch.slices):
             seq.num_cached = s.end
+            self.executor.commit(seq.request_id, seq.token_slice, seq.num_known)  # pages it filled
         return self._append(rows, tokens, lps)
 
     def _chainable(self) -> bool:
@@ -285,6 +289,7 @@ class LLMEngine:
             while any(self.scheduler.find(r) is not None for r in rids) or self.has_unfinished():
                 self.step()
         self.scheduler.num_preemptions = self.num_prefill_tokens = self.num_decode_tokens = 0
+        self.cache.reset_prefix()  # warm-up's prompts are no user's prefix
 
     def generate(
         self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()

@@ -8,6 +8,7 @@ out to pool members.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,11 +34,12 @@ class RowsPlan:
 class AttentionExecutor(ABC):
     """Owns the KV of running sequences and computes their attention.
 
-    Contract: `allocate` takes room for a sequence's prompt before its prefill; `grow` takes room
+    Contract: `allocate` takes room for a sequence's prompt before its prefill and, given its
+    tokens, returns the rows of it already cached (prefix caching: the prefill starts there); `grow` takes room
     for more rows before a step that adds them (False: no room now, the scheduler preempts);
     `begin_step` announces the batch whose tokens the following `attend` calls carry (flat, in
     batch order); `end_step` closes it (the new tokens are then cached); `free` releases a
-    finished or preempted sequence.
+    finished or preempted sequence; `commit` publishes its full, written pages to the prefix cache.
     """
 
     @abstractmethod
@@ -45,11 +47,16 @@ class AttentionExecutor(ABC):
         """The longest sequence (prompt + max_tokens) this executor could ever hold."""
 
     @abstractmethod
-    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        """Whether a sequence of `num_prompt` tokens to prefill, `num_tokens` at most, can start now."""
+    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int, tokens: Seq[int] | None = None) -> bool:
+        """Whether a sequence of `num_prompt` tokens to prefill, `num_tokens` at most, can start now
+        (with its `tokens`: counting the pages of its cached prefix)."""
 
     @abstractmethod
-    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None: ...
+    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int, tokens: Seq[int] | None = None) -> int:
+        """Room for its prompt; returns the rows already cached (0 without `tokens`)."""
+
+    def commit(self, seq_id: str, tokens: Callable[[int, int], Seq[int]], known: int) -> None:
+        """Publish the sequence's full, written pages (`PagedKVCache.commit`)."""
 
     @abstractmethod
     def grow(self, seq_id: str, num_new: int) -> bool:
@@ -95,11 +102,14 @@ class LocalAttention(AttentionExecutor):
     def max_seq_tokens(self) -> int:
         return self.cache.max_pages_per_seq * self.cache.page_size
 
-    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        return self.cache.can_allocate(num_prompt)
+    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int, tokens: Seq[int] | None = None) -> bool:
+        return self.cache.can_allocate(num_prompt, seq_id, tokens)
 
-    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
-        self.cache.allocate(seq_id, num_prompt)
+    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int, tokens: Seq[int] | None = None) -> int:
+        return self.cache.allocate(seq_id, num_prompt, tokens).length
+
+    def commit(self, seq_id: str, tokens: Callable[[int, int], Seq[int]], known: int) -> None:
+        self.cache.commit(seq_id, tokens, known)
 
     def grow(self, seq_id: str, num_new: int) -> bool:
         return self.cache.grow(seq_id, self.cache.get(seq_id).length + num_new)

@@ -10,6 +10,10 @@ KV pages are taken as sequences grow. When a decode cannot get a page, the young
 sequence is preempted: its pages are freed and it queues first, to be prefilled again from its
 tokens so far (recompute), which gives the same tokens as an uninterrupted run.
 
+Prefix caching: at admission a sequence starts after its cached prefix (`PagedKVCache.allocate`
+with its tokens); its full pages are published after the steps that write them (`commit`) and
+before it frees them, so a finished or preempted sequence leaves its prefix cached.
+
 Sequences whose prompt must be prefilled whole (pooled ones, split over the pool's members) run
 in prefill steps of their own, and decodes then run in steps of their own.
 """
@@ -21,6 +25,14 @@ from collections import deque
 from fapool.step_batch import SeqSlice, StepBatch
 from fapool.executor import AttentionExecutor
 from fapool.sequence import Sequence, SeqStatus
+
+
+def prefix_tokens(seq: Sequence) -> list[int] | None:
+    """The tokens to look its prefix up by: those the host knows. None (no lookup) where every
+    prompt row must be computed: prompt logprobs score each row."""
+    if seq.params.prompt_logprobs is not None:
+        return None
+    return seq.prompt_ids if not seq.output_ids else seq.token_slice(0, seq.num_known)
 
 
 class Scheduler:
@@ -99,14 +111,17 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.length  # the prompt, plus earlier output for a preempted sequence
-            if not ex.can_allocate(seq.request_id, n, seq.max_length):
+            tokens = prefix_tokens(seq)
+            if not ex.can_allocate(seq.request_id, n, seq.max_length, tokens):
                 break  # in order: later requests do not overtake one waiting for room
             self.waiting.popleft()
-            ex.allocate(seq.request_id, n, seq.max_length)
+            seq.num_cached = ex.allocate(seq.request_id, n, seq.max_length, tokens)
             if seq.scheduled_s is None:  # its queue time ends at its first admission
                 seq.scheduled_s = time.monotonic()
+                seq.cached_tokens = seq.num_cached
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            n -= seq.num_cached
             if ex.prefill_whole(seq.request_id) and n > budget and chunks:
                 break  # a pooled prompt runs whole: next step
             take = n if ex.prefill_whole(seq.request_id) else min(n, budget)
@@ -118,7 +133,7 @@ class Scheduler:
         """Take a sequence out of the batch and release its KV."""
         if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
-            self.executor.free(seq.request_id)
+            self._release(seq)
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
@@ -128,10 +143,15 @@ class Scheduler:
         output so far) when it is re-admitted: recompute, as after the loss of a pool member."""
         assert seq.status == SeqStatus.RUNNING
         self.running.remove(seq)
-        self.executor.free(seq.request_id)
+        self._release(seq)
         seq.num_cached = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free its pages, publishing first what it wrote (its prefix stays cached)."""
+        self.executor.commit(seq.request_id, seq.token_slice, seq.num_known)
+        self.executor.free(seq.request_id)
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running, *self.waiting):

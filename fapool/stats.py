@@ -15,3 +15,6 @@ class EngineCounters:
     num_preemptions: int = 0
     num_prefill_tokens: int = 0  # prompt rows computed, recomputation after a preemption included
     num_decode_tokens: int = 0  # one-token decode rows computed
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of them, tokens found cached (their prefill skipped)
+    prefix_cached_tokens: int = 0  # rows of published pages now (in use or idle)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -153,29 +154,42 @@ class PooledAttention(AttentionExecutor):
             return None
         return members, rows
 
-    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
+    def _cached_locally(self, seq_id: str, num_prompt: int, tokens: Seq[int] | None) -> bool:
+        """Whether it runs on the base with its cached prefix: a hit whose uncached rest is shorter
+        than the pool's threshold (the rest is what the pool would have prefilled)."""
+        if tokens is None or num_prompt < self.threshold:
+            return False
+        return num_prompt - self.cache.cached_rows(seq_id, tokens) < self.threshold \
+            and self.cache.can_allocate(num_prompt, seq_id, tokens)
+
+    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int, tokens: Seq[int] | None = None) -> bool:
+        if self._cached_locally(seq_id, num_prompt, tokens):
+            return True
         if pool_size(num_prompt, self._capacity, self._policy) > len(self._spec.active()):
             # The pool is growing for this prompt: wait for it a while rather than run it on fewer.
             since = self._deferred_since.setdefault(seq_id, time.monotonic())
             if time.monotonic() - since < self.pool_wait_s:
                 return False
-        return self._plan(num_prompt, num_tokens) is not None or self.cache.can_allocate(num_prompt)
+        return self._plan(num_prompt, num_tokens) is not None or self.cache.can_allocate(num_prompt, seq_id, tokens)
 
-    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
+    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int, tokens: Seq[int] | None = None) -> int:
         self._deferred_since.pop(seq_id, None)
-        plan = self._plan(num_prompt, num_tokens)
+        plan = None if self._cached_locally(seq_id, num_prompt, tokens) else self._plan(num_prompt, num_tokens)
         if plan is None:
-            self.local.allocate(seq_id, num_prompt, num_tokens)
-            return
+            return self.local.allocate(seq_id, num_prompt, num_tokens, tokens)
         members, rows = plan
         self.cache.allocate(seq_id, rows[0])  # the base's own rows; generated tokens add pages
         handle = next(self._handles)
         starts = self.placement.place(handle, members, rows[1:])
         self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
         self._pooled_total += 1
+        return 0  # the pool prefills a prompt whole: its share on the base is not a prefix
 
     def grow(self, seq_id: str, num_new: int) -> bool:
         return self.local.grow(seq_id, num_new)
+
+    def commit(self, seq_id: str, tokens: Callable[[int, int], Seq[int]], known: int) -> None:
+        self.local.commit(seq_id, tokens, known)  # a pooled share is never published (no keys)
 
     def prefill_whole(self, seq_id: str) -> bool:
         return seq_id in self.pooled
