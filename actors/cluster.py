@@ -31,7 +31,8 @@ def completion_of(events: list[TokenEvent]) -> Completion:
     prompt_lps = next((ev.prompt_logprobs for ev in events if ev.prompt_logprobs is not None), None)
     return Completion(last.request_id, "".join(ev.text for ev in events),
                       tuple(t for ev in events for t in ev.token_ids), last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens, tuple(lp for ev in events for lp in ev.logprobs), prompt_lps)
+                      last.completion_tokens, tuple(lp for ev in events for lp in ev.logprobs), prompt_lps,
+                      last.cached_tokens)
 
 
 def connect(address: str | None = None, **init_kwargs: Any) -> None:

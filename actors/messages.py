@@ -32,6 +32,7 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for logprobs
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, with the first token
     queue_s: float | None = None  # in the last event: seconds from arrival at the base to admission
+    cached_tokens: int = 0  # prompt tokens found in the base's prefix cache (usage's cached_tokens)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def event_of(out: RequestOutput, error: str | None = None) -> TokenEvent:
         out.request_id, out.new_token_ids, out.text_delta,
         ("error" if error else out.finish_reason) if out.finished else None,
         out.prompt_tokens, out.completion_tokens, error or out.error, "internal" if error else None,
-        out.logprobs, out.prompt_logprobs, out.queue_s,
+        out.logprobs, out.prompt_logprobs, out.queue_s, out.cached_tokens,
     )
 
 

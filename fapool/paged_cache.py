@@ -18,7 +18,9 @@ Prefix caching (`fapool/prefix_cache.py`, on unless `prefix_caching=False`): a s
 with its tokens starts with the cached pages of its longest cached prefix, shared read-only and
 counted by reference; `commit` publishes its pages as they fill. Pages of finished sequences stay
 cached, idle, until a new page finds no free one and the least recently used idle page is evicted.
-A pooled sequence's share is not a prefix and is never published.
+A pooled sequence's share is not a prefix and is never published; instead its prefill also
+writes a full copy of its prompt's full pages into pages of their own (`shadow`), published after
+that step and idle at once: the next prompt with that prefix finds it on the base.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class PagedSeq:
     pages: list[int] = field(default_factory=list)
     length: int = 0  # rows filled in every layer after a completed step
     keys: list[Key] | None = None  # keys of its first pages (published or hit); None: never published
+    shadow: list[tuple[int, Key, int]] = field(default_factory=list)  # pooled: (prompt page, key, page)
 
 
 class PagedKVCache:
@@ -168,7 +171,15 @@ class PagedKVCache:
         after the step that wrote them) and `known` (tokens the host has; async decode's last token
         may still be on the device). `tokens(start, end)` gives its token ids."""
         seq = self._seqs.get(seq_id)
-        if self.prefix is None or seq is None or seq.keys is None:
+        if self.prefix is None or seq is None:
+            return
+        if seq.shadow and seq.length > 0:  # the pooled prefill that wrote the copy is done
+            with self._lock:
+                for _, key, page in seq.shadow:
+                    self.prefix.publish(page, key)
+                self._free += self.prefix.release([p for _, _, p in seq.shadow])
+                seq.shadow = []
+        if seq.keys is None:
             return
         full = min(seq.length, known) // self.page_size
         done = len(seq.keys)
@@ -198,6 +209,27 @@ class PagedKVCache:
             seq.pages += new
         return True
 
+    def shadow(self, seq_id: str, tokens: Seq[int]) -> None:
+        """A pooled sequence keeps only its share of rows in its pages: give it pages for a full
+        copy of its prompt's full pages not cached yet, as many as are free (idle ones evicted), for
+        its prefill to write (`shadow_rows`) and `commit` to publish."""
+        if self.prefix is None:
+            return
+        ps = self.page_size
+        with self._lock:
+            seq = self._seqs[seq_id]
+            keys = extend_keys([], tokens[: len(tokens) // ps * ps], ps)
+            want = [(i, k) for i, k in enumerate(keys) if k not in self.prefix.page_of][: self.free_pages]
+            seq.shadow = [(i, k, p) for (i, k), p in zip(want, self._take(len(want)))]
+
+    def shadow_rows(self, seq_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of its prompt, their arena slots) of a pooled sequence's shadow pages."""
+        ps, shadow = self.page_size, self._seqs[seq_id].shadow
+        offset = np.arange(ps, dtype=np.int64)
+        rows = np.concatenate([i * ps + offset for i, _, _ in shadow]) if shadow else np.zeros(0, np.int64)
+        slots = np.concatenate([p * ps + offset for _, _, p in shadow]) if shadow else np.zeros(0, np.int64)
+        return rows, slots
+
     def reset_prefix(self) -> None:
         """Forget the idle cached pages and the hit counters (after warm-up)."""
         with self._lock:
@@ -222,6 +254,8 @@ class PagedKVCache:
             if seq is not None:
                 # With prefix caching: a page another sequence shares stays; a published one idles.
                 self._free += reversed(seq.pages) if self.prefix is None else self.prefix.release(seq.pages)
+                if seq.shadow:  # a pooled prefill that never completed
+                    self._free += self.prefix.release([p for _, _, p in seq.shadow])
                 self._table[seq.row] = 0
                 self._free_rows.append(seq.row)
 

@@ -55,6 +55,10 @@ class ClusterOptions(BaseModel):
     torch_compile: bool | None = Field(None, description="fuse each layer's elementwise chains with "
                                                           "torch.compile; default: on CUDA, off on CPU")
 
+    prefix_caching: bool = Field(EngineConfig.prefix_caching,
+                                 description="reuse the KV pages of a cached prompt prefix (a long document, a "
+                                             "chat history); --no-prefix-caching prefills every prompt whole")
+
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
@@ -84,7 +88,7 @@ class ClusterOptions(BaseModel):
         return ClusterConfig(
             engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens,
                                 torch_compile=self.torch_compile, max_num_seqs=self.max_num_seqs,
-                                max_prefill_tokens=self.max_prefill_tokens),
+                                max_prefill_tokens=self.max_prefill_tokens, prefix_caching=self.prefix_caching),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
                                 cooldown_s=self.pool_cooldown_s),
             num_base_actors=self.base_actors,

@@ -179,6 +179,8 @@ class PooledAttention(AttentionExecutor):
             return self.local.allocate(seq_id, num_prompt, num_tokens, tokens)
         members, rows = plan
         self.cache.allocate(seq_id, rows[0])  # the base's own rows; generated tokens add pages
+        if tokens is not None:
+            self.cache.shadow(seq_id, tokens)  # a full copy of its prompt, for the prefix cache
         handle = next(self._handles)
         starts = self.placement.place(handle, members, rows[1:])
         self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
