@@ -8,6 +8,7 @@ command never lands amid a step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,8 +18,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 from actors.config import ClusterConfig
-from actors.messages import BaseReport, BaseStats, GenerateRequest, StepRecord, TokenEvent
-from actors.streams import Streams, event_of
+from actors.messages import BaseReport, BaseStats, GenerateRequest, StepRecord
+from actors.streams import Streams
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
 from fapool.pool.pooled_attention import PooledAttention
@@ -83,15 +84,14 @@ class EngineThread:
     # ---- commands (run on this thread) ----------------------------------------------------
     def add(self, req: GenerateRequest) -> None:
         if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
-            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
-                                           error_type=ErrorType.OVERLOADED)])
+            self._streams.emit([RequestOutput.failed(req.request_id, "the queue is full; retry later",
+                                                     ErrorType.OVERLOADED)])
             return
         try:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e),
-                                           error_type=ErrorType.INVALID_REQUEST)])
+            self._streams.emit([RequestOutput.failed(req.request_id, str(e), ErrorType.INVALID_REQUEST)])
 
     def abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
@@ -127,7 +127,7 @@ class EngineThread:
                 return False
             finally:
                 self.stats = self._make_stats()
-            self._streams.emit([event_of(out) for out in outputs])
+            self._streams.emit(outputs)
             idle = self.engine.last_batch is None
         self._report()
         return idle
@@ -186,7 +186,9 @@ class EngineThread:
                 self._emit(out, error=message)
 
     def _emit(self, out: RequestOutput, error: str | None = None) -> None:
-        self._streams.emit([event_of(out, error)])
+        if error is not None:  # a fault around the request (a failed step), not the request's own
+            out = dataclasses.replace(out, finish_reason="error", error=error, error_type=ErrorType.INTERNAL)
+        self._streams.emit([out])
 
     def _report(self, force: bool = False, failed: bool = False) -> None:
         """Tell the controller the contexts in flight when they change (fire and forget)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fapool.errors import ErrorType
 from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 
@@ -67,7 +68,8 @@ class Sequence:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One step's news about a request: new tokens and text, and whether it has finished."""
+    """One step's news about a request: new tokens and text, and whether it has finished. The one
+    event type from the engine to a client: base actors stream these to the HTTP routes as they are."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -82,6 +84,12 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     queue_s: float | None = None  # once finished: seconds from arrival to first admission
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage's cached_tokens)
+    error_type: ErrorType | None = None  # with `error`: fix, retry or report it (None: internal)
+
+    @classmethod
+    def failed(cls, request_id: str, error: str, error_type: ErrorType = ErrorType.INTERNAL) -> "RequestOutput":
+        """The one event of a request that ends in an error (a refusal, or a fault around it)."""
+        return cls(request_id, (), "", True, "error", 0, 0, error, error_type=error_type)
 
 
 @dataclass(frozen=True)
@@ -97,3 +105,14 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+    @classmethod
+    def of(cls, outputs: list[RequestOutput]) -> "Completion":
+        """The whole result of one request's stream of outputs, the last of which finished it."""
+        last = outputs[-1]
+        assert last.finish_reason is not None and last.finish_reason != "error", last
+        prompt_lps = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+        return cls(last.request_id, "".join(o.text_delta for o in outputs),
+                   tuple(t for o in outputs for t in o.new_token_ids), last.finish_reason, last.prompt_tokens,
+                   last.completion_tokens, tuple(lp for o in outputs for lp in o.logprobs), prompt_lps,
+                   last.cached_tokens)

@@ -11,13 +11,13 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from actors.cluster import Cluster, completion_of
+from actors.cluster import Cluster
 from actors.config import ClusterConfig
-from actors.messages import GenerateRequest, TokenEvent
+from actors.messages import GenerateRequest
 from fapool.config import PRESETS
 from fapool.errors import ErrorType
 from fapool.sampling import SamplingParams
-from fapool.sequence import Completion
+from fapool.sequence import Completion, RequestOutput
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
@@ -81,7 +81,7 @@ class InferenceService:
 
     # ---- generation -----------------------------------------------------------------------
     async def open_stream(self, prompt: str | None, prompt_token_ids: list[int] | None,
-                          params: SamplingParams) -> AsyncIterator[TokenEvent]:
+                          params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Start a request and wait for its first event, so refusals surface as HTTP errors
         before any response is sent. Returns the stream, first event included."""
         if self.draining():
@@ -95,7 +95,7 @@ class InferenceService:
         events = self._events(req)
         first = await events.__anext__()
 
-        async def chained() -> AsyncIterator[TokenEvent]:
+        async def chained() -> AsyncIterator[RequestOutput]:
             try:
                 yield first
                 async for ev in events:
@@ -107,9 +107,9 @@ class InferenceService:
 
     async def complete(self, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams) -> Completion:
-        return completion_of([ev async for ev in await self.open_stream(prompt, prompt_token_ids, params)])
+        return Completion.of([ev async for ev in await self.open_stream(prompt, prompt_token_ids, params)])
 
-    async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def _events(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         b = self.cluster.pick_base()
         if b is None:
             raise APIError(503, "no base actor can generate right now (restarting); retry shortly",
@@ -129,7 +129,7 @@ class InferenceService:
                         reason = "error" if ErrorType.of(ev.error_type) is ErrorType.INTERNAL else ""
                         raise _to_api_error(ev)
                     now = time.monotonic()
-                    if ev.token_ids:
+                    if ev.new_token_ids:
                         first_s = first_s or now
                         last_s = now
                     done = ev.finish_reason is not None
@@ -155,7 +155,7 @@ class InferenceService:
                     except Exception:  # noqa: BLE001 - the base is gone
                         pass
 
-    async def _next_event(self, events: asyncio.Queue, t0: float) -> TokenEvent:
+    async def _next_event(self, events: asyncio.Queue, t0: float) -> RequestOutput:
         """The request's next event from its feed, or the error a client should see: 503 when the
         base died (at once) or the server's drain deadline passed, 504 past the request timeout."""
         try:
@@ -274,7 +274,7 @@ def _app_name() -> str:
         return "local"
 
 
-def _to_api_error(ev: TokenEvent) -> APIError:
+def _to_api_error(ev: RequestOutput) -> APIError:
     kind = ErrorType.of(ev.error_type)
     if kind is ErrorType.OVERLOADED:
         return APIError(429, ev.error or "overloaded", kind.value, headers={"Retry-After": "1"})

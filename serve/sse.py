@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 from fastapi.responses import StreamingResponse
 
-from actors.messages import TokenEvent
+from fapool.sequence import RequestOutput
 from serve.errors import APIError, error_body, internal_error
 
 T = TypeVar("T")
@@ -171,7 +171,7 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
                     await close(t.result())
 
 
-async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Events of several streams as they come, tagged with their stream's index. Closing it stops
     its pumps; the streams themselves are closed by their owner (`sse_response(..., streams)`)."""
     if len(streams) == 1:  # no task and no queue hop per token for the usual single prompt
@@ -181,7 +181,7 @@ async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
-    async def pump(i: int, s: AsyncIterator[TokenEvent]) -> None:
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
         try:
             async for ev in s:
                 await queue.put((i, ev))

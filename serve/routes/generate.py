@@ -27,7 +27,7 @@ async def generate(body: GenerateBody):
 
     async def chunks() -> AsyncIterator[dict]:
         async for ev in events:
-            item = {"text": ev.text, "token_ids": list(ev.token_ids), "finish_reason": ev.finish_reason}
+            item = {"text": ev.text_delta, "token_ids": list(ev.new_token_ids), "finish_reason": ev.finish_reason}
             if ev.finish_reason is not None:
                 item["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
             yield _with_logprobs(item, body, ev.logprobs, ev.prompt_logprobs)

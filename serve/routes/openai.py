@@ -1,8 +1,10 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
 Without `max_tokens` a request generates until EOS or the context limit, as vLLM and OpenAI do.
-Streams carry no empty chunks; usage comes only when `stream_options.include_usage` asks, in one
-last chunk with `choices: []`.
+A stream sends a chunk for each engine event with tokens, when its tokens exist (as vLLM does): its
+text may be empty while the engine holds back an unfinished character or a possible stop string.
+No chunk carries neither a token nor a finish_reason. Usage comes only when
+`stream_options.include_usage` asks, in one last chunk with `choices: []`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter
 
-from actors.messages import TokenEvent
+from fapool.sequence import RequestOutput
 from serve.errors import APIError
 from serve.openai_format import (CompletionLogprobs, best, chat_logprobs, choice_params, output_entries,
                                  prompt_entries)
@@ -155,14 +157,14 @@ async def completions(body: CompletionBody):
         async with aclosing(merge(streams)) as merged:  # closed with chunks(): its pumps stop
             async for i, ev in merged:
                 _, ids, echo, _ = jobs[i // n]
-                text, entries = ev.text, output_entries(ev.token_ids, ev.logprobs)
-                if not started[i] and (ev.token_ids or ev.finish_reason):
+                text, entries = ev.text_delta, output_entries(ev.new_token_ids, ev.logprobs)
+                if not started[i] and (ev.new_token_ids or ev.finish_reason):
                     started[i] = True
                     text = echo + text
                     if body.echo:
                         entries = prompt_entries(ids, ev.prompt_logprobs) + entries
                 lp = logprobs[i].shape(entries) if body.logprobs is not None and entries else None
-                if text or ev.finish_reason or lp:
+                if ev.new_token_ids or text or ev.finish_reason or lp:
                     yield env.wrap([choice(i, ev.finish_reason, lp, text=text)])
                 _count(totals, ev, i % n == 0)
         if body.include_usage:
@@ -200,8 +202,9 @@ async def chat_completions(body: ChatBody):
         async with aclosing(merge(streams)) as merged:  # closed with chunks(): its pumps stop
             async for i, ev in merged:
                 lp = logprobs(ev.logprobs) if ev.logprobs else None
-                if ev.text or ev.finish_reason or lp:  # the last chunk may carry only its finish_reason
-                    yield env.wrap([choice(i, ev.finish_reason, lp, delta={"content": ev.text} if ev.text else {})])
+                if ev.new_token_ids or ev.text_delta or ev.finish_reason or lp:  # the last: maybe only a finish
+                    delta = {"content": ev.text_delta} if ev.new_token_ids or ev.text_delta else {}
+                    yield env.wrap([choice(i, ev.finish_reason, lp, delta=delta)])
                 _count(totals, ev, i == 0)
         if body.include_usage:
             yield env.wrap([], usage(*totals))
@@ -209,7 +212,7 @@ async def chat_completions(body: ChatBody):
     return sse_response(chunks(), streams)
 
 
-def _count(totals: list[int], ev: TokenEvent, count_prompt: bool) -> None:
+def _count(totals: list[int], ev: RequestOutput, count_prompt: bool) -> None:
     """Usage: a prompt counts once however many choices it has."""
     if ev.finish_reason is not None:
         totals[0] += ev.prompt_tokens if count_prompt else 0

@@ -40,7 +40,7 @@ def collect(cluster, req, base=None):
 
     def run():
         try:
-            out["events"] = [ev for ref in cluster.submit(req, base) for ev in ray.get(ref)]
+            out["events"] = list(cluster.stream(req, base))
         except Exception as e:  # noqa: BLE001 - what the test asserts on
             out["error"] = e
 
