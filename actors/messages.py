@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fapool.sampling import SamplingParams
-from fapool.stats import EngineCounters
+from fapool.stats import EngineStats
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class BaseStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     contexts: tuple[int, ...]
-    engine: EngineCounters = EngineCounters()  # KV pages, preemptions, prefill and decode rows
+    engine: EngineStats = EngineStats()  # KV pages, preemptions, prefill and decode rows
     members_kv: tuple[tuple[int, int, int], ...] = ()  # (member id, rows this base holds there, its share)
 
 

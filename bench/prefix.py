@@ -142,10 +142,10 @@ class FapoolEngine:
         return self.engine.add_request(None, sp, prompt_token_ids=prompt)
 
     def step(self) -> list[tuple[str, tuple[int, ...], bool]]:
-        return [(o.request_id, o.new_token_ids, o.finished) for o in self.engine.step()]
+        return [(o.request_id, o.new_token_ids, o.finished) for o in self.engine.step().outputs]
 
     def extra(self) -> dict:
-        c = self.engine.counters()
+        c = self.engine.stats()
         return {"prefix_queries": c.prefix_queries, "prefix_hits": c.prefix_hits,
                 "kernel": getattr(self.engine.kernel, "name", None), "page_size": c.kv_page_size}
 

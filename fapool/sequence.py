@@ -35,6 +35,7 @@ class Sequence:
     finish_reason: str | None = None
     first_token_s: float | None = None
     scheduled_s: float | None = None  # monotonic time of its first admission to the running batch
+    aside_since_s: float | None = None  # since when its executor holds it back (a pool grows for it)
     stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
     pending: int = 0  # tokens sampled on the device whose values the host has not read yet
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs

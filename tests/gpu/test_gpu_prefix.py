@@ -33,11 +33,11 @@ def test_a_question_over_a_cached_document(engines):
     chunk = warm.scheduler.token_budget
     doc = ids(4 * chunk, 1)  # whole chunks and pages: the rest is computed as one chunk in both runs
     warm.generate([doc + ids(50, 2)], SP)  # the document read once
-    hits = warm.counters().prefix_hits
+    hits = warm.stats().prefix_hits
     q = doc + ids(70, 3)
     [got] = warm.generate([q], SP)
     [want] = cold.generate([q], SP)
-    assert got.cached_tokens == len(doc) and warm.counters().prefix_hits - hits == len(doc)
+    assert got.cached_tokens == len(doc) and warm.stats().prefix_hits - hits == len(doc)
     assert got.token_ids == want.token_ids  # the same kernels on the same rows: bit for bit
 
 

@@ -122,11 +122,11 @@ def test_a_lost_group_recomputes_pooled_requests_locally(pool, alone):
     p = prompt(50, 3)
     [want] = alone.generate([p], GREEDY)
     pool.engine.add_request(None, GREEDY, prompt_token_ids=p)
-    got = [t for _ in range(4) for out in pool.engine.step() for t in out.new_token_ids]
+    got = [t for _ in range(4) for out in pool.engine.step().outputs for t in out.new_token_ids]
     assert pool.executor.stats().pooled == 1
     # What a base does when a member dies mid-step: drop the group, prefill pooled requests again.
     pool.engine.recompute(pool.executor.abandon())
     while pool.engine.has_unfinished():
-        got += [t for out in pool.engine.step() for t in out.new_token_ids]
+        got += [t for out in pool.engine.step().outputs for t in out.new_token_ids]
     assert got == list(want.token_ids)
     assert pool.executor.stats().pooled == 0 and pool.executor.stats().epoch == 1

@@ -141,7 +141,7 @@ def test_greedy_tokens_with_a_hit_equal_those_without(checkpoint):
     assert [c.token_ids for c in batch] == [c.token_ids for c in cold.generate(
         [doc + toks(6, seed=s) for s in (11, 12, 13)], GREEDY)]
     assert all(c.cached_tokens == 96 for c in batch)
-    assert warm.counters().prefix_hits == 96 * 6 + 32
+    assert warm.stats().prefix_hits == 96 * 6 + 32
 
 
 def test_preemption_and_cancellation_never_free_a_page_still_shared(checkpoint):
@@ -159,7 +159,7 @@ def test_preemption_and_cancellation_never_free_a_page_still_shared(checkpoint):
     done: dict[str, list[int]] = {r: [] for r in rids}
     steps = 0
     while warm.has_unfinished():
-        for out in warm.step():
+        for out in warm.step().outputs:
             done[out.request_id] += out.new_token_ids
         steps += 1
         if steps == 6:
