@@ -219,8 +219,13 @@ class PagedKVCache:
         with self._lock:
             seq = self._seqs[seq_id]
             keys = extend_keys([], tokens[: len(tokens) // ps * ps], ps)
+            # Its pages already cached are pinned meanwhile: the copy evicts only other prefixes.
+            pinned = [self.prefix.page_of[k] for k in keys if k in self.prefix.page_of]
+            self.prefix.acquire(pinned)
             want = [(i, k) for i, k in enumerate(keys) if k not in self.prefix.page_of][: self.free_pages]
             seq.shadow = [(i, k, p) for (i, k), p in zip(want, self._take(len(want)))]
+            self.prefix.release(pinned)  # published: idle again, none freed
+            self.prefix.queries += len(tokens)  # looked up, and prefilled whole: no hit
 
     def shadow_rows(self, seq_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(rows of its prompt, their arena slots) of a pooled sequence's shadow pages."""

@@ -106,6 +106,26 @@ def test_can_allocate_counts_the_hit_and_its_idle_pages():
     assert run(c, "b", doc) == 3 * PS and c.free_pages == 0
 
 
+def test_a_pooled_share_leaves_a_full_copy_published_only_after_its_prefill():
+    c = cache(pages=12)
+    doc = toks(3 * PS + 5)
+    c.allocate("p", PS)  # its zigzag share of rows: no prefix, never published
+    c.shadow("p", doc)  # pages for a copy of its 3 full pages
+    rows, slots = c.shadow_rows("p")
+    assert len(rows) == len(slots) == 3 * PS and rows.tolist() == list(range(3 * PS))
+    assert c.free_pages == 12 - 1 - 3
+    c.commit("p", lambda a, b: doc[a:b], len(doc))
+    assert c.cached_tokens == 0  # its prefill has not run
+    c.get("p").length = PS  # the prefill step ended
+    c.commit("p", lambda a, b: doc[a:b], len(doc))
+    assert c.cached_tokens == 3 * PS and c.free_pages == 12 - 1  # the copy is idle at once
+    assert c.cached_rows(None, doc) == 3 * PS
+    c.allocate("q", PS)
+    c.shadow("q", toks(2 * PS, seed=4))
+    c.free("q")  # a prefill that never ran gives its copy back
+    assert c.free_pages == 12 - 1 and c.cached_tokens == 3 * PS
+
+
 def test_off_means_no_lookup_and_no_publication():
     c = cache(prefix_caching=False)
     doc = toks(3 * PS)
