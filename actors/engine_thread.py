@@ -129,7 +129,7 @@ class EngineThread:
                 return False
             finally:
                 self.stats = self._make_stats()
-            self._streams.emit(list(step.outputs))
+            self._streams.emit(step.outputs)
             idle = step.report is None and not step.outputs
         self._report()
         return idle

@@ -11,6 +11,7 @@ from ray import serve
 
 from serve.errors import install_handlers
 from serve.guard import Guard
+from serve.history import history
 from serve.openapi import install_openapi
 from serve.options import ServeOptions
 from serve.routes.docs import router as docs_router
@@ -40,8 +41,9 @@ app = create_app()
 class FAPoolIngress:
     def __init__(self, options: dict[str, Any]) -> None:
         opts = ServeOptions(**options)
-        self.service = InferenceService(opts.cluster_config(), opts.limits())
+        self.service = InferenceService(opts.cluster_config(), opts.limits(), opts.model_names())
         set_current(self.service, opts.resolved_api_key())
+        history.start(self.service.pool_json)  # Serve runs __init__ on the replica's event loop
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

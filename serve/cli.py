@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     from serve.options import ServeOptions, add_flags
 
     p = argparse.ArgumentParser(prog="fapool", description="FA Pool: elastic LLM serving on Ray")
+    p.add_argument("--version", action="version", version=f"fapool {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over HTTP", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(s, ServeOptions)
@@ -30,6 +31,15 @@ def parser() -> argparse.ArgumentParser:
                         "ingress: no proxy hop per streamed chunk; needs the Ray cluster this command "
                         "starts), or 'proxy', Serve's HTTP proxy; auto: direct when this command starts Ray")
     return p
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fapool")
+    except metadata.PackageNotFoundError:  # a source tree without install
+        return "0.1.0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +78,7 @@ def serve_main(args: argparse.Namespace) -> int:
     if ingress.mode == "direct":
         os.environ.update(direct_ingress_env(opts.port))  # before Ray starts: its processes inherit them
     connect(args.address)
+    logging.getLogger("ray.serve").addFilter(_ServeNoise())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -91,11 +102,21 @@ def serve_main(args: argparse.Namespace) -> int:
             serve.delete(APP)
         except Exception as e:  # noqa: BLE001 - shutting down anyway
             log.warning("cleanup: %s", e)
-        if started_here:
-            serve.shutdown()
-            ray.shutdown()
+        if started_here:  # the whole cluster goes: Serve with it (serve.shutdown() here only adds a
+            ray.shutdown()  # failed graceful_shutdown task of its killed controller to the log)
     print("FA Pool stopped", flush=True)
     return 0
+
+
+class _ServeNoise(logging.Filter):
+    """Serve's start-up lines that mislead here: serve.run re-connecting to the Serve this command
+    just started ("New http_options ... will not be applied"), and "ready at" naming the proxy's
+    port, which with direct ingress is not the app's. FA Pool's own line says where it serves."""
+
+    DROP = ("New http_options", "is ready at http")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(d in record.getMessage() for d in self.DROP)
 
 
 def drain(app: str, grace_s: float) -> None:

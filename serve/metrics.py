@@ -82,7 +82,9 @@ class _PoolCollector:
         yield events
         yield GaugeMetricFamily("fapool_requests_running", "Requests in running batches", value=snap.running)
         yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
-        yield from _engine_metrics(snap.bases)
+        # A base keeps its share of a member until it hears the member left: only members in the
+        # pool now have series, so a drained member's go away at the next scrape.
+        yield from _engine_metrics(snap.bases, set(snap.status.members) if snap.status else set())
 
 
 PREFIX_CACHE_HOLDS = ("full KV pages of earlier prompts and outputs on each base, keyed by their tokens; "
@@ -99,7 +101,7 @@ def prefix_cache_summary(enabled: bool, bases: list[BaseStats]) -> dict:
             "queries_tokens": queries, "hits_tokens": hits, "hit_rate": hits / queries if queries else 0.0}
 
 
-def _engine_metrics(bases: list[BaseStats]) -> Iterable[Metric]:
+def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metric]:
     def family(kind: type, name: str, doc: str, label: str = "base") -> Metric:
         return kind(name, doc, labels=[label])
 
@@ -125,7 +127,7 @@ def _engine_metrics(bases: list[BaseStats]) -> Iterable[Metric]:
         queries.add_metric(label, e.prefix_queries)
         hits.add_metric(label, e.prefix_hits)
         cached.add_metric(label, e.prefix_cached_tokens)
-        for mid, rows, share in b.members_kv:  # each base holds a share of every member's arena
+        for mid, rows, share in (m for m in b.members_kv if m[0] in members):  # a share of each member's arena
             member_used[mid] = member_used.get(mid, 0) + rows
             member_total[mid] = member_total.get(mid, 0) + share
     m_used = family(GaugeMetricFamily, "fapool_pool_member_kv_used_tokens", "KV rows held on a pool member", "member")

@@ -22,6 +22,7 @@ from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
 from serve.metrics import Metrics, Snapshot, prefix_cache_summary
+from serve.sse import gathering
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ class ServeLimits:
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
     status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
+    stream_chunks_per_s: float = 1000.0  # `--stream-chunks-per-s`: serve/sse.py's gathering
 
 
 class InferenceService:
-    def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits()) -> None:
+    def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits(),
+                 model_names: tuple[str, ...] = ()) -> None:
         self.cfg, self.limits = cfg, limits
         # This replica owns its cluster: `serve shutdown` or a redeploy ends the replica and with
         # it every actor of the cluster, and a redeploy starts one with the new settings.
@@ -52,7 +55,9 @@ class InferenceService:
             self.cluster.generate(None, warm, prompt_token_ids=[1], base=base)
             self.cluster.feed(b)  # the Ray stream that will carry this replica's requests, opened now
         model = cfg.engine.model
-        self.model_name = model if model in PRESETS else model.rstrip("/").split("/")[-1]
+        # The first is the id responses carry; `model` may be any (--served-model-name).
+        self.model_names = model_names or (model if model in PRESETS else model.rstrip("/").split("/")[-1],)
+        self.model_name = self.model_names[0]
         model_cfg = PRESETS[model] if model in PRESETS else load_model_config(model)
         self.tokenizer: Tokenizer = load_tokenizer(model, model_cfg)
         self.metrics = Metrics(lambda: self._snap)
@@ -248,6 +253,7 @@ _guard_settings: tuple[str | None, int] = (None, ServeLimits().max_body_bytes)
 def set_current(service: InferenceService, api_key: str | None) -> None:
     global _current, _guard_settings
     _current, _guard_settings = service, (api_key, service.limits.max_body_bytes)
+    gathering.set_rate(service.limits.stream_chunks_per_s)
 
 
 def current() -> InferenceService:

@@ -1,4 +1,4 @@
-"""Operations routes: `/health`, `/ready`, `/metrics`, `/pool`, `/dashboard`."""
+"""Operations routes: `/health`, `/ready`, `/metrics`, `/pool`, `/pool/history`, `/dashboard`."""
 from __future__ import annotations
 
 from importlib import resources
@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
 from serve.errors import error_response
+from serve.history import history
 from serve.service import current
 
 router = APIRouter()
@@ -40,7 +41,17 @@ async def metrics():
 
 @router.get("/pool")
 async def pool():
-    return await current().pool_json()
+    svc = current()
+    history.start(svc.pool_json)
+    return await svc.pool_json()
+
+
+@router.get("/pool/history")
+async def pool_history(since: float | None = None):
+    """The dashboard's samples of the last hour (after `since`, a Unix time, if given)."""
+    svc = current()
+    history.start(svc.pool_json)
+    return {"every_s": history.every_s, "window_s": history.window_s, "samples": history.samples(since)}
 
 
 @router.get("/dashboard", response_class=HTMLResponse)

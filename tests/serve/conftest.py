@@ -94,8 +94,10 @@ def assert_no_ray_left(server: Server, after: str, timeout_s: float = 30) -> Non
 
 @pytest.fixture(scope="package")
 def fapool_server():
-    """The main server: tiny model, a small pool curve and a short cooldown."""
-    server = Server("--pool-curve", "16:1,32:2,64:3", "--pool-cooldown-s", "2", "--max-cpu-members", "3")
+    """The main server: tiny model, a small pool curve and a short cooldown; two served names
+    (vLLM's --served-model-name), the first being the preset's, as without the flag."""
+    server = Server("--pool-curve", "16:1,32:2,64:3", "--pool-cooldown-s", "2", "--max-cpu-members", "3",
+                    "--served-model-name", "tiny", "tiny-alias")
     yield server.url
     code = server.stop()
     assert code == 0

@@ -1,5 +1,5 @@
 """What vLLM and OpenAI users expect of the OpenAI routes: every field applied or refused by name,
-max_tokens defaulting to the context, include_usage's shape, one chunk per token, batched prompts,
+max_tokens null meaning the context, include_usage's shape, one chunk per token, batched prompts,
 and `/tokenize`, `/detokenize`, `/version`, `/v1/models/{id}`."""
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ def test_every_openai_field_is_applied_or_refused_by_name(url, path, base, field
     assert unknown.status_code == 400 and "frobnicate" in unknown.json()["error"]["message"]
 
 
-def test_without_max_tokens_a_request_runs_to_the_context_limit(url):
+def test_max_tokens_null_runs_to_the_context_limit(url):
     ids = [(i % 200) + 1 for i in range(KV_TOKENS - 3)]
-    r = post(url, "/v1/completions", {"prompt": ids, "temperature": 0, "ignore_eos": True}).json()
+    r = post(url, "/v1/completions", {"prompt": ids, "max_tokens": None, "temperature": 0, "ignore_eos": True}).json()
     assert r["usage"] == {"prompt_tokens": KV_TOKENS - 3, "completion_tokens": 3, "total_tokens": KV_TOKENS}
     assert r["choices"][0]["finish_reason"] == "length"
     long_chat = {"messages": [{"role": "user", "content": "x" * (KV_TOKENS - 40)}], "temperature": 0,
