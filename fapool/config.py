@@ -213,6 +213,9 @@ class EngineConfig:
     # (bench.engine); off on CPU, where compiling costs more than launches do.
     torch_compile: bool | None = None
     seed: int = 0  # weights of the random presets
+    # Automatic prefix caching (fapool/prefix_cache.py): a prompt starts after the longest prefix
+    # whose full KV pages the cache holds (`--no-prefix-caching` turns it off).
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

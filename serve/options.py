@@ -60,6 +60,10 @@ class ClusterOptions(BaseModel):
                                                       "flash4 (Hopper+), flash2 (Ampere), sdpa (CUDA), else reference",
                                   json_schema_extra={"choices": ATTENTION_KERNELS})
 
+    prefix_caching: bool = Field(EngineConfig.prefix_caching,
+                                 description="reuse the KV pages of a cached prompt prefix (a long document, a "
+                                             "chat history); --no-prefix-caching prefills every prompt whole")
+
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
@@ -96,7 +100,8 @@ class ClusterOptions(BaseModel):
         return ClusterConfig(
             engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens,
                                 torch_compile=self.torch_compile, max_num_seqs=self.max_num_seqs,
-                                max_prefill_tokens=self.max_prefill_tokens, attention_kernel=self.attention_kernel),
+                                max_prefill_tokens=self.max_prefill_tokens, attention_kernel=self.attention_kernel,
+                                prefix_caching=self.prefix_caching),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
                                 cooldown_s=self.pool_cooldown_s),
             num_base_actors=self.base_actors,

@@ -21,7 +21,7 @@ from fapool.sequence import Completion, RequestOutput
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
-from serve.metrics import Metrics, Snapshot
+from serve.metrics import Metrics, Snapshot, prefix_cache_summary
 from serve.sse import gathering
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ class InferenceService:
             "longest_context": st.longest_context if st else 0, "contexts": contexts,
             "requests_running": snap.running, "requests_waiting": snap.waiting,
             "latency": self.metrics.window.summary(),
+            "prefix_cache": prefix_cache_summary(self.cfg.engine.prefix_caching, snap.bases),
             "events": [e.__dict__ for e in (st.events if st else ())][::-1][:100][::-1],
         }
 
