@@ -4,9 +4,11 @@
     python -m bench.serve --url http://127.0.0.1:8000 --concurrency 64 --requests 128 \
         --prompt-tokens 1000 --max-tokens 128 --stall --out $OUT
 
-Streaming `/generate` with random prompt ids, greedy, `ignore_eos`. Reports output tokens/s and
-TTFT / TPOT / end-to-end p50 and p99 at the given concurrency; with `--stall`, the largest gap
-between two tokens of running streams while a long prompt arrives, and that prompt's TTFT against
+Streaming `/generate` with random prompt ids (below the served model's `vocab_size`, which
+`/v1/models` reports), greedy, `ignore_eos`; a run in which any request fails exits 1 and says
+why. Reports output tokens/s and TTFT / TPOT / end-to-end p50 and p99 at the given concurrency;
+with `--stall`, the largest gap between two tokens of running streams while a long prompt
+arrives, and that prompt's TTFT against
 its TTFT alone; with `--ttft`, a first request right after `/ready` against the same repeated, and
 prompt lengths never seen before against a repeated length. Prints a table last; writes JSON.
 
