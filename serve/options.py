@@ -18,6 +18,7 @@ from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
+    from serve.http_limits import HttpLimits
     from serve.service import ServeLimits
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -126,6 +127,12 @@ class ServeOptions(ClusterOptions):
     stream_chunks_per_s: float = Field(1000.0, gt=0, description="HTTP chunks a second this server's streams "
                                                                  "send together: each stream gathers its events "
                                                                  "for streams/rate seconds (at most 0.1)")
+    body_read_timeout_s: float = Field(10.0, gt=0, description="a body that stops arriving this long gets HTTP 408")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="a larger request line plus headers gets HTTP 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must complete within this "
+                                                           "(else HTTP 408 and a close)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(2048, ge=1, description="open connections at most; past it HTTP 503 and a close")
     served_model_name: list[str] | None = Field(
         None, description="the model's names in the API (as vLLM's flag): the first is the id responses carry, "
                           "each is accepted as `model`; default: the preset's name or the directory's basename")
@@ -147,6 +154,12 @@ class ServeOptions(ClusterOptions):
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
+
+    def http_limits(self) -> HttpLimits:
+        from serve.http_limits import HttpLimits
+
+        return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,
+                          keep_alive_s=self.keep_alive_s, max_connections=self.max_connections)
 
     def limits(self) -> ServeLimits:
         from serve.service import ServeLimits
