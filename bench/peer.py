@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-long", type=int, default=120000, help="0: no stall test")
     p.add_argument("--vllm-path", default="/tmp/vllm")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
+    p.add_argument("--commit", default=None, help="the code's commit, where git cannot see it (a copied tree)")
     p.add_argument("--combine", type=Path, nargs="*", default=None)
     p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = p.parse_args(argv)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {f}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    r = {"preset": args.preset, "card": card(), "part": args.part, "commit": commit(),
+    r = {"preset": args.preset, "card": card(), "part": args.part, "commit": args.commit or commit(),
          "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python -m bench.peer " + " ".join(argv or sys.argv[1:])}
     if args.part == "engine":
         r["engine"] = engine_part(args, args.out)

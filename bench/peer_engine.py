@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import POINTS, decode_point, ttft
-from bench.engine_load import ids, load
+from bench.engine_load import load
 from bench.probe import probe
 from fapool.config import PRESETS
 

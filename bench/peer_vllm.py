@@ -84,18 +84,10 @@ class _Seq:
     output_ids: list[int] = field(default_factory=list)
 
 
-class _Scheduler:
-    def __init__(self, live: dict[str, _Seq]):
-        self.live = live
-
-    def find(self, rid: str) -> _Seq | None:
-        return self.live.get(rid)
-
-
 class VllmEngine:
     """vLLM's `LLMEngine` (engine core in this process) behind bench.engine's calls: add_request,
-    step, abort, scheduler.find, and last_batch, which is read off each step's outputs: a "decode"
-    step gave every running sequence exactly one token, with no sequence still waiting for its first."""
+    step, abort, and each step's report, which is read off the step's outputs: a "decode" step gave
+    every running sequence exactly one token, with no sequence still waiting for its first."""
 
     def __init__(self, cfg: ModelConfig, path: Path, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, gpu_memory_utilization: float = 0.9):
@@ -110,9 +102,6 @@ class VllmEngine:
         self.loaded = SimpleNamespace(config=cfg)
         self.max_model_len = max_model_len
         self.live: dict[str, _Seq] = {}
-        self.scheduler = _Scheduler(self.live)
-        self.last_batch = None
-        self.last_launch_s = float("nan")  # FA Pool's host time before its graph replay: no vLLM twin
         self.kernel = SimpleNamespace(name="vllm")
         self.graphs = None
         self._n = 0
@@ -130,9 +119,10 @@ class VllmEngine:
         self.live[rid] = _Seq(len(prompt_token_ids))
         return rid
 
-    def step(self) -> list[SimpleNamespace]:
+    def step(self) -> SimpleNamespace:
         """One engine step, or more until one brings outputs (with async scheduling a step can
-        return none): its wall time is then counted with the step that brings them."""
+        return none): its wall time is then counted with the step that brings them. Shaped as
+        LLMEngine.step's result: `outputs`, and a `report` read off them (see the class)."""
         res = self.engine.step()
         while not res and self.engine.has_unfinished_requests():
             res = self.engine.step()
@@ -148,9 +138,9 @@ class VllmEngine:
         got = {o.request_id: len(o.new_token_ids) for o in outs}
         decode = (bool(self.live) and all(got.get(r) == 1 for r in self.live) and all(n == 1 for n in got.values()))
         slices = [SimpleNamespace(end=s.prompt_tokens + len(s.output_ids)) for r, s in self.live.items() if r in got]
-        self.last_batch = SimpleNamespace(kind="decode" if decode else "other", slices=slices,
-                                          num_tokens=sum(got.values()))
-        return outs
+        report = SimpleNamespace(kind="decode" if decode else "other", num_seqs=len(slices), launch_s=float("nan"),
+                                 batch=SimpleNamespace(slices=slices), num_tokens=sum(got.values()))
+        return SimpleNamespace(outputs=outs, report=report)
 
     def abort(self, rid: str) -> None:
         self.engine.abort_request([rid])
