@@ -140,11 +140,14 @@ class EngineThread:
         if batch is not None:
             ex = self.executor
             contexts = [s.end for s in batch.slices]
+            # KV parts per sequence (the base's and its members'): what the SLO policy's fit reads.
+            parts = [len(ex.pooled[s.seq_id].member_ids) + 1 if s.seq_id in ex.pooled else 1 for s in batch.slices]
             self.steps.append(StepRecord(
                 t_wall, wall, batch.kind, len(batch.slices), batch.num_tokens,
                 ex.stats().step_pooled, max(contexts, default=0),
                 tuple(sorted({**ex.timer.collect(), "host_launch": self.engine.last_launch_s}.items()))
                 if ex.timer.enabled else (),
+                sum(c / p for c, p in zip(contexts, parts)), sum(contexts), max(parts, default=1) - 1,
             ))
         return outputs
 

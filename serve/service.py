@@ -13,6 +13,7 @@ import ray
 
 from actors.cluster import Cluster, completion_of
 from actors.config import ClusterConfig
+from actors.controller import pool_policy_json
 from actors.messages import GenerateRequest, TokenEvent
 from fapool.config import PRESETS
 from fapool.errors import ErrorType
@@ -235,6 +236,7 @@ class InferenceService:
             "requests_running": snap.running, "requests_waiting": snap.waiting,
             "latency": self.metrics.window.summary(),
             "events": [e.__dict__ for e in (st.events if st else ())][::-1][:100][::-1],
+            **pool_policy_json(pol, st),
         }
 
 
