@@ -2,9 +2,9 @@
 
 Ray calls (requests, aborts, epoch changes) run on the actor's asyncio loop; the engine runs on
 its own thread (`actors/engine_thread.py`), so a long step never blocks a call. The two meet in
-the thread's command queue (closures over the executor's methods, run between steps) and
-asyncio queues of events back to the callers: one per request (`generate`), or one per client
-for all its requests (`feed` and `submit`, `actors/feeds.py`: what the HTTP ingress uses).
+the thread's command queue (closures over the executor's methods, run between steps) and one
+asyncio queue of events per client: a request enters by `submit` and its events leave by its
+client's `feed` (`actors/feeds.py`), whoever the client is (the HTTP ingress, `Cluster.generate`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import ray
 
 from actors.config import ClusterConfig
 from actors.engine_thread import EngineThread
-from actors.messages import BaseStats, GenerateRequest, StepRecord, TokenEvent
-from actors.streams import Streams, drain
+from actors.messages import BaseStats, GenerateRequest, StepRecord
+from actors.streams import Streams, take_waiting
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
@@ -27,12 +27,14 @@ from fapool.policy import PolicyConfig
 from fapool.pool.membership import EpochSpec
 from fapool.pool.pooled_attention import PooledAttention
 from fapool.pool.transport import LOOPBACK, DataPlane
+from fapool.sequence import RequestOutput
 
 
 # The engine thread releases the GIL around torch ops and takes it back after; while the event
 # loop's thread runs Python (streams, Ray calls), a take-back can wait up to Python's switch
 # interval (5 ms by default). A short one bounds that wait for an eager step of hundreds of ops.
 GIL_SWITCH_INTERVAL_S = 0.0002
+MAX_ENDED_FEEDS = 4096  # ended feed ids remembered, so a late `submit` to one starts nothing
 
 
 class BaseActor:
@@ -56,7 +58,7 @@ class BaseActor:
         self.incarnation = uuid.uuid4().hex  # a restarted actor answers `ping` with a new one
         self._streams = Streams()
         self._feeds: dict[str, tuple[asyncio.Queue, set[str]]] = {}  # feed id: its events, its requests
-        self._ended_feeds: set[str] = set()
+        self._ended_feeds: dict[str, None] = {}  # in the order they ended
         self._pending_epoch: tuple[EpochSpec, Any, str] | None = None
         self._engine = EngineThread(base_id, cfg, self.engine, self.executor, self._streams)
 
@@ -73,41 +75,15 @@ class BaseActor:
             "node_ip": self.node_ip,
         }
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[tuple[TokenEvent, ...]]:
-        """Stream a request's steps: each item is one or more `TokenEvent`s (one per engine step);
-        the last event has `finish_reason`."""
-        rid = req.request_id
-        if rid in self._streams:
-            yield (TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
-                              error_type=ErrorType.INVALID_REQUEST),)
-            return
-        events = self._streams.open(rid)
-        finished = False
-        try:
-            self._engine.post(partial(self._engine.add, req))
-            while True:
-                batch = drain(await events.get(), events)
-                finished = batch[-1].finish_reason is not None
-                yield batch
-                if finished:
-                    return
-                if len(self._streams) > self.cfg.stream_batching_above:
-                    # Under load, let a few steps' tokens gather: one Ray item (and one HTTP chunk)
-                    # then carries several, and the per-item cost no longer caps the token rate.
-                    await asyncio.sleep(self.cfg.stream_interval_s)
-        finally:
-            self._streams.close(rid)
-            if not finished:  # the caller went away: free its KV now
-                self._engine.post(partial(self._engine.abort, rid))
-
-    async def feed(self, feed_id: str) -> AsyncIterator[tuple[TokenEvent, ...]]:
-        """One client's stream of all the requests it `submit`s with this id (`actors/feeds.py`):
-        each item is every event that came since the last, of all those requests, in step order.
-        When the client goes away, its requests still running are aborted."""
+    async def feed(self, feed_id: str) -> AsyncIterator[tuple[RequestOutput, ...]]:
+        """One client's stream of all the requests it `submit`s with this id (`actors/feeds.py`),
+        the one way a request's events leave a base: each item is every event that came since the
+        last, of all those requests, in step order. When the client goes away (it cancels the
+        stream), its requests still running are aborted."""
         events, live = self._feed(feed_id)
         try:
             while True:
-                batch = drain(await events.get(), events, stop_at_finish=False)
+                batch = take_waiting(await events.get(), events)
                 for ev in batch:
                     if ev.finish_reason is not None:
                         live.discard(ev.request_id)
@@ -115,20 +91,22 @@ class BaseActor:
                 yield batch
         finally:
             self._feeds.pop(feed_id, None)
-            self._ended_feeds.add(feed_id)
+            self._ended_feeds[feed_id] = None
+            while len(self._ended_feeds) > MAX_ENDED_FEEDS:  # the oldest have had their last submit
+                self._ended_feeds.pop(next(iter(self._ended_feeds)))
             for rid in live:
                 self._streams.close(rid)
                 self._engine.post(partial(self._engine.abort, rid))
 
     async def submit(self, feed_id: str, req: GenerateRequest) -> None:
-        """Start a request whose events go to feed `feed_id`."""
+        """Start a request whose events go to feed `feed_id`: the one way a request enters a base."""
         rid = req.request_id
         if feed_id in self._ended_feeds:  # its client is gone: nobody would read the tokens
             return
         events, live = self._feed(feed_id)
         if rid in self._streams:
-            events.put_nowait(TokenEvent(rid, (), "", "error", error=f"request_id {rid!r} is already in flight",
-                                         error_type=ErrorType.INVALID_REQUEST))
+            events.put_nowait(RequestOutput.failed(rid, f"request_id {rid!r} is already in flight",
+                                                   ErrorType.INVALID_REQUEST))
             return
         self._streams.attach(rid, events)
         live.add(rid)

@@ -15,31 +15,27 @@ from typing import Any, Iterator
 
 import ray
 
+from actors import ray_node
 from actors.config import NAMESPACE, ClusterConfig
-from actors.feeds import Feed
-from actors.messages import GenerateRequest, PoolStatus, TokenEvent
+from actors.feeds import Feed, run_request
+from actors.messages import GenerateRequest, PoolStatus
+from actors.ray_node import LOOPBACK
 from actors.supervisor import Supervisor, is_base_name
 from fapool.errors import ErrorType, RequestError
 from fapool.sampling import SamplingParams
-from fapool.sequence import Completion
+from fapool.sequence import Completion, RequestOutput
 
 
-def completion_of(events: list[TokenEvent]) -> Completion:
-    """The whole result of one request's stream of events, the last of which ends it."""
-    last = events[-1]
-    assert last.finish_reason is not None and last.finish_reason != "error"
-    prompt_lps = next((ev.prompt_logprobs for ev in events if ev.prompt_logprobs is not None), None)
-    return Completion(last.request_id, "".join(ev.text for ev in events),
-                      tuple(t for ev in events for t in ev.token_ids), last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens, tuple(lp for ev in events for lp in ev.logprobs), prompt_lps)
-
-
-def connect(address: str | None = None, **init_kwargs: Any) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a local Ray instance. Idempotent."""
+def connect(address: str | None = None, *, ray_host: str = LOOPBACK, **init_kwargs: Any) -> Any:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray instance on `ray_host` (loopback:
+    reachable by this machine's users only; see actors/ray_node.py). Idempotent; returns
+    ray.init's context (None if Ray was already initialized)."""
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, namespace=NAMESPACE, **init_kwargs)
+    if address:
+        return ray_node.join(address, namespace=NAMESPACE, **init_kwargs)
+    return ray_node.start_local(ray_host, namespace=NAMESPACE, **init_kwargs)
 
 
 def running_clusters(prefix: str) -> list[str]:
@@ -143,12 +139,12 @@ class Cluster:
             f = self._feeds[b] = Feed(self.bases[b])
         return f
 
-    def submit(self, req: GenerateRequest, base: Any = None):
-        """Start a request on `base` (default: `pick_base`'s); returns Ray's streaming generator
-        of refs to `TokenEvent` tuples."""
+    def stream(self, req: GenerateRequest, base: Any = None) -> Iterator[RequestOutput]:
+        """Blocking: run `req` on `base` (default: `pick_base`'s); its events as they come, the
+        last one finished (through a feed of its own: `actors/feeds.py`)."""
         if base is None:
             base = self.bases[self._picked()]
-        return base.generate.options(num_returns="streaming").remote(req)
+        return run_request(base, req)
 
     def generate(
         self,
@@ -163,17 +159,15 @@ class Cluster:
         rid = f"gen-{uuid.uuid4().hex[:12]}"
         ids = tuple(prompt_token_ids) if prompt_token_ids is not None else None
         b = self._picked() if base is None else next((i for i, h in enumerate(self.bases) if h == base), None)
-        events: list[TokenEvent] = []
         with (self.using(b) if b is not None else nullcontext(base)) as handle:
             try:
-                for ref in self.submit(GenerateRequest(rid, params, prompt, ids), handle):
-                    events += ray.get(ref)
+                events = list(self.stream(GenerateRequest(rid, params, prompt, ids), handle))
             except ray.exceptions.RayActorError as e:
                 raise RequestError(f"the base actor serving this request died; retry it ({e})",
                                    ErrorType.INTERNAL) from None
         if events[-1].finish_reason == "error":
             raise RequestError(events[-1].error or "the request failed", ErrorType.of(events[-1].error_type))
-        return completion_of(events)
+        return Completion.of(events)
 
     def status(self) -> PoolStatus:
         return ray.get(self.controller.status.remote())

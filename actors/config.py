@@ -25,10 +25,6 @@ class ClusterConfig:
     tick_s: float = 0.25  # how often the controller re-applies the policy
     max_events: int = 256  # scale events kept for /pool and the dashboard
     max_waiting_per_base: int = 256  # beyond this a base refuses new requests (HTTP 429)
-    # Beyond this many streams on a base, each stream's tokens are sent at most every
-    # stream_interval_s (first token at once): Ray Serve's per-item cost caps the token rate otherwise.
-    stream_batching_above: int = 16
-    stream_interval_s: float = 0.05
     standby_members: int = 0  # pool actors kept started but idle, so growth skips actor start-up
     profile: bool = False  # time step phases (attention, waiting on the pool, merge) for benchmarks
     # Pool members on CPU reserve no Ray resource, so Ray would place any number on one node and

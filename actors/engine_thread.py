@@ -8,6 +8,7 @@ command never lands amid a step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,13 +18,14 @@ from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 from actors.config import ClusterConfig
-from actors.messages import BaseReport, BaseStats, GenerateRequest, StepRecord, TokenEvent
-from actors.streams import Streams, event_of
+from actors.messages import BaseReport, BaseStats, GenerateRequest, StepRecord
+from actors.streams import Streams
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
 from fapool.pool.pooled_attention import PooledAttention
 from fapool.pool.transport import PoolFailure
 from fapool.sequence import RequestOutput
+from fapool.stats import EngineStep
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
@@ -44,6 +46,7 @@ class EngineThread:
         self._inbox: queue.Queue[Command] = queue.Queue()
         self._controller: Any = None
         self._last_report: tuple = ()
+        self._engine_stats = engine.stats()
         self._last_report_s = 0.0
         self.steps: deque[StepRecord] = deque(maxlen=20000)
         self.stats = self._make_stats()  # published by this thread, read by Ray calls without waiting
@@ -82,16 +85,15 @@ class EngineThread:
 
     # ---- commands (run on this thread) ----------------------------------------------------
     def add(self, req: GenerateRequest) -> None:
-        if len(self.engine.scheduler.waiting) >= self.cfg.max_waiting_per_base:
-            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error="the queue is full; retry later",
-                                           error_type=ErrorType.OVERLOADED)])
+        if self._engine_stats.waiting >= self.cfg.max_waiting_per_base:
+            self._streams.emit([RequestOutput.failed(req.request_id, "the queue is full; retry later",
+                                                     ErrorType.OVERLOADED)])
             return
         try:
             ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
             self.engine.add_request(req.prompt, req.params, prompt_token_ids=ids, request_id=req.request_id)
         except ValueError as e:
-            self._streams.emit([TokenEvent(req.request_id, (), "", "error", error=str(e),
-                                           error_type=ErrorType.INVALID_REQUEST)])
+            self._streams.emit([RequestOutput.failed(req.request_id, str(e), ErrorType.INVALID_REQUEST)])
 
     def abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
@@ -116,7 +118,7 @@ class EngineThread:
         idle = False
         if self.engine.has_unfinished():
             try:
-                outputs = self._timed_step()
+                step = self._timed_step()
             except PoolFailure as e:
                 log.warning("base %d: %s; recomputing pooled requests", self.base_id, e)
                 self._recover()
@@ -127,29 +129,29 @@ class EngineThread:
                 return False
             finally:
                 self.stats = self._make_stats()
-            self._streams.emit([event_of(out) for out in outputs])
-            idle = self.engine.last_batch is None
+            self._streams.emit(step.outputs)
+            idle = step.report is None and not step.outputs
         self._report()
         return idle
 
-    def _timed_step(self) -> list[RequestOutput]:
+    def _timed_step(self) -> EngineStep:
         t_wall, t0 = time.time(), time.perf_counter()
-        outputs = self.engine.step()  # ends with sampled tokens on the host: the GPU work is done
+        step = self.engine.step()  # ends with sampled tokens on the host: the GPU work is done
         wall = time.perf_counter() - t0
-        batch = self.engine.last_batch  # None when nothing could run
-        if batch is not None:
+        r = step.report  # None when nothing new ran
+        if r is not None:
             ex = self.executor
-            contexts = [s.end for s in batch.slices]
+            contexts = [s.end for s in r.batch.slices]
             # KV parts per sequence (the base's and its members'): what the SLO policy's fit reads.
-            parts = [len(ex.pooled[s.seq_id].member_ids) + 1 if s.seq_id in ex.pooled else 1 for s in batch.slices]
+            parts = [len(ex.pooled[s.seq_id].member_ids) + 1 if s.seq_id in ex.pooled else 1 for s in r.batch.slices]
             self.steps.append(StepRecord(
-                t_wall, wall, batch.kind, len(batch.slices), batch.num_tokens,
-                ex.stats().step_pooled, max(contexts, default=0),
-                tuple(sorted({**ex.timer.collect(), "host_launch": self.engine.last_launch_s}.items()))
+                t_wall, wall, r.kind, r.num_seqs, r.num_tokens, ex.stats().step_pooled,
+                max(contexts, default=0),
+                tuple(sorted({**dict(r.phases), "host_launch": r.launch_s}.items()))
                 if ex.timer.enabled else (),
                 sum(c / p for c, p in zip(contexts, parts)), sum(contexts), max(parts, default=1) - 1,
             ))
-        return outputs
+        return step
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -171,35 +173,33 @@ class EngineThread:
         self.stats = self._make_stats()
 
     def _make_stats(self) -> BaseStats:
-        sched, ps = self.engine.scheduler, self.executor.stats()
-        return BaseStats(self.base_id, ps.epoch, len(sched.running), len(sched.waiting), ps.pooled,
-                         ps.pooled_total, self.engine.cache.reserved_tokens, self.engine.cache.capacity_tokens,
-                         tuple(sched.contexts_in_flight()), self.engine.counters(), ps.members_kv)
+        es = self._engine_stats = self.engine.stats()
+        ps = self.executor.stats()
+        return BaseStats(self.base_id, ps.epoch, es.running, es.waiting, ps.pooled, ps.pooled_total,
+                         es.kv_used_tokens, es.kv_capacity_tokens, es.contexts, es, ps.members_kv)
 
     def _recover(self) -> None:
         """A member was lost mid-step: drop the group and prefill pooled requests again."""
         self.engine.recompute(self.executor.abandon())
+        self.stats = self._make_stats()
         self._report(force=True, failed=True)
 
     def _fail_all(self, message: str) -> None:
-        sched = self.engine.scheduler
-        for seq in [*sched.running, *sched.waiting]:
-            out = self.engine.abort(seq.request_id)
-            if out is not None:
-                self._emit(out, error=message)
+        for out in self.engine.abort_all():
+            self._emit(out, error=message)
 
     def _emit(self, out: RequestOutput, error: str | None = None) -> None:
-        self._streams.emit([event_of(out, error)])
+        if error is not None:  # a fault around the request (a failed step), not the request's own
+            out = dataclasses.replace(out, finish_reason="error", error=error, error_type=ErrorType.INTERNAL)
+        self._streams.emit([out])
 
     def _report(self, force: bool = False, failed: bool = False) -> None:
         """Tell the controller the contexts in flight when they change (fire and forget)."""
-        ex = self.executor
-        contexts = tuple(sorted(self.engine.scheduler.contexts_in_flight(), reverse=True))
+        ex, es = self.executor, self._engine_stats
         per_member = tuple(sorted(ex.seqs_per_member().items()))
         # Contexts grow by one token a decode step; the controller hears of that at most every
         # REPORT_EVERY_S (a Ray call a step would cost the token loop), of anything else at once.
-        sched = self.engine.scheduler
-        state = (tuple(q.request_id for q in (*sched.running, *sched.waiting)), per_member)
+        state = (es.request_ids, per_member)
         now = time.monotonic()
         if not force and state == self._last_report and now - self._last_report_s < REPORT_EVERY_S:
             return
@@ -207,6 +207,7 @@ class EngineThread:
         if self._controller is None:  # no controller yet (or a bare test): nothing to tell
             return
         try:
+            contexts = tuple(sorted(es.contexts, reverse=True))
             self._controller.report.remote(BaseReport(self.base_id, ex.epoch, contexts, per_member, failed))
         except Exception:  # noqa: BLE001 - a dead controller: its successor calls set_controller
             log.debug("base %d: report failed", self.base_id, exc_info=True)

@@ -1,26 +1,30 @@
-"""One Ray stream per (client process, base) for all of that client's requests on that base.
+"""Feeds: the one way a request's events leave a base (`BaseActor.feed`), one Ray stream per
+(client, base) for all of that client's requests on that base.
 
-A per-request stream costs the base one Ray item per request and step: at 64 streams that is the
-base's event loop serialising and sending thousands of items a second, in the same process (and
-under the same GIL) as the engine thread. A feed carries every event of one step, for every
+A per-request stream would cost the base one Ray item per request and step: at 64 streams that is
+the base's event loop serialising and sending thousands of items a second, in the same process
+(and under the same GIL) as the engine thread. A feed carries every event waiting, for every
 request of this client, in one item; this side hands each event to its request's queue.
 
     feed = cluster.feed(b)          # on the caller's event loop
     events = feed.open(req)         # the request starts on base b
-    ev = await events.get()         # a TokenEvent, or the exception that ended the feed
+    ev = await events.get()         # a RequestOutput, or the exception that ended the feed
     feed.close(req.request_id)
+
+`run_request` is the blocking form for one request (any thread, no event loop): a feed of its own.
 """
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
-from actors.messages import GenerateRequest, TokenEvent
+from actors.messages import GenerateRequest
+from fapool.sequence import RequestOutput
 
-Item = TokenEvent | BaseException
+Item = RequestOutput | BaseException
 
 
 class FeedEnded(Exception):
@@ -82,3 +86,22 @@ class Feed:
         self.failure = e
         for events in self._subs.values():
             events.put_nowait(e)
+
+
+def run_request(base: Any, req: GenerateRequest) -> Iterator[RequestOutput]:
+    """Blocking: `req`'s events on `base` as they come, the last one finished, through a feed of
+    its own. Leaving the loop early ends the feed, which aborts the request on the base."""
+    feed_id = f"feed-{uuid.uuid4().hex[:12]}"
+    gen = base.feed.options(num_returns="streaming").remote(feed_id)
+    base.submit.remote(feed_id, req)
+    try:
+        for ref in gen:
+            for ev in ray.get(ref):
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+    finally:
+        try:
+            ray.cancel(gen)
+        except Exception:  # noqa: BLE001 - the base is gone already
+            pass

@@ -1,13 +1,12 @@
-"""Typed messages between the serve layer, the controller, base actors and pool members."""
+"""Typed messages between the serve layer, the controller, base actors and pool members. A request's
+events are fapool's own `RequestOutput`s: one event type from the engine to the HTTP stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from fapool.costfit import StepFit
-from fapool.errors import ErrorType
-from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
-from fapool.stats import EngineCounters
+from fapool.stats import EngineStats
 
 
 @dataclass(frozen=True)
@@ -16,23 +15,6 @@ class GenerateRequest:
     params: SamplingParams
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One streamed piece of a request: new tokens and text; the last one has `finish_reason`."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    error_type: ErrorType | None = None  # set with `error`; None there means internal
-    logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for logprobs
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, with the first token
-    queue_s: float | None = None  # in the last event: seconds from arrival at the base to admission
 
 
 @dataclass(frozen=True)
@@ -57,7 +39,7 @@ class BaseStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     contexts: tuple[int, ...]
-    engine: EngineCounters = EngineCounters()  # KV pages, preemptions, prefill and decode rows
+    engine: EngineStats = EngineStats()  # KV pages, preemptions, prefill and decode rows
     members_kv: tuple[tuple[int, int, int], ...] = ()  # (member id, rows this base holds there, its share)
 
 

@@ -47,18 +47,17 @@ def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: 
     # the first sequences decode meanwhile).
     sp = SamplingParams(max_tokens=engine.max_model_len - context, temperature=0.0, ignore_eos=True)
     rids = [engine.add_request(None, sp, prompt_token_ids=ids(context, seed + i, vocab)) for i in range(batch)]
-    while any(len(engine.scheduler.find(r).output_ids) == 0 for r in rids):
-        engine.step()  # chunked prefill until every sequence has its first token
+    until_tokens(engine, rids, 1)  # chunked prefill until every sequence has its first token
     for _ in range(2):
         engine.step()
     times, launch, kv = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.step()
+        r = engine.step().report
         times.append(time.perf_counter() - t0)
-        launch.append(engine.last_launch_s)
-        assert engine.last_batch.kind == "decode" and len(engine.last_batch.slices) == batch
-        kv.append(statistics.mean(s.end for s in engine.last_batch.slices))
+        launch.append(r.launch_s)
+        assert r.kind == "decode" and r.num_seqs == batch
+        kv.append(statistics.mean(s.end for s in r.batch.slices))
     if os.environ.get("FAPOOL_BENCH_PROFILE"):
         profiled(lambda: [engine.step() for _ in range(4)], f"{context}x{batch}, 4 steps", kernels=True)
     for r in rids:
@@ -73,9 +72,18 @@ def ttft(engine: LLMEngine, n: int, seed: int) -> float:
     sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     rid = engine.add_request(None, sp, prompt_token_ids=ids(n, seed, engine.loaded.config.vocab_size))
     t0 = time.perf_counter()
-    while engine.scheduler.find(rid) is not None:
-        engine.step()
+    while not any(o.finished for o in engine.step().outputs if o.request_id == rid):
+        pass
     return time.perf_counter() - t0
+
+
+def until_tokens(engine: LLMEngine, rids: list[str], n: int) -> None:
+    """Step until each of `rids` has `n` tokens."""
+    got = dict.fromkeys(rids, 0)
+    while min(got.values()) < n:
+        for o in engine.step().outputs:
+            if o.request_id in got:
+                got[o.request_id] += len(o.new_token_ids)
 
 
 def profiled(fn, what: str, kernels: bool = False):
@@ -102,14 +110,15 @@ def stall(engine: LLMEngine, streams: int, stream_ctx: int, long_ctx: int, seed:
     alone = ttft(engine, long_ctx, seed + 99)
     sp = SamplingParams(max_tokens=engine.max_model_len - stream_ctx, temperature=0.0, ignore_eos=True)
     rids = [engine.add_request(None, sp, prompt_token_ids=ids(stream_ctx, seed + i, vocab)) for i in range(streams)]
-    while any(len(engine.scheduler.find(r).output_ids) < 3 for r in rids):
-        engine.step()
+    until_tokens(engine, rids, 3)
     long_id = engine.add_request(None, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                                  prompt_token_ids=ids(long_ctx, seed + 99, vocab))
     t0 = last = time.perf_counter()
     worst = 0.0
-    while engine.scheduler.find(long_id) is not None:
-        outs = engine.step()
+    done = False
+    while not done:
+        outs = engine.step().outputs
+        done = any(o.finished for o in outs if o.request_id == long_id)
         now = time.perf_counter()
         if {o.request_id for o in outs if o.new_token_ids} >= set(rids):
             worst, last = max(worst, now - last), now
@@ -193,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.engine", *(argv or sys.argv[1:])])}
     for k, mode in enumerate(args.modes.split(",")):
-        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode != "eager"),
+        # Prefix caching off: the repeated-prompt TTFT below must prefill again (bench/prefix.py
+        # measures the cache).
+        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode != "eager"), prefix_caching=False,
                           torch_compile=(mode == "compiled"), max_num_seqs=64,
                           max_prefill_tokens=16384, max_model_len=max(longest, 131072 if dev == "cuda" else 4096),
                           kv_capacity_tokens=600_000 if dev == "cuda" else 20_000)
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             result["points"].append(r)
             print(json.dumps(r), flush=True)
         if k == 0:  # serving behaviour, on the first (default) mode
-            engine.scheduler.token_budget = EngineConfig().max_prefill_tokens
+            engine.set_token_budget(EngineConfig().max_prefill_tokens)
             repeated = [ttft(engine, n, 7) for _ in range(2)]
             new = [ttft(engine, n + 1 + 2 * i, 8 + i) for i in range(3)]
             result["ttft"] = {"tokens": n, "first_ms": 1e3 * first, "repeated_ms": [1e3 * t for t in repeated],
@@ -222,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                 load(engine, c, 8, n_in, n_out, seed=300)  # warm: the first batch's sizes
                 result["load"] = load(engine, c, reqs, n_in, n_out, seed=400)
                 print(json.dumps(result["load"]), flush=True)
-                if engine.graphs is not None:  # side by side: prompt chunks launched eagerly
-                    buckets, engine.graphs.buckets = engine.graphs.buckets, BUCKETS
+                graphs = engine.runner.graphs
+                if graphs is not None:  # side by side: prompt chunks launched eagerly
+                    buckets, graphs.buckets = graphs.buckets, BUCKETS
                     result["load_eager_chunks"] = load(engine, c, reqs, n_in, n_out, seed=400)
-                    engine.graphs.buckets = buckets
+                    graphs.buckets = buckets
                     print(json.dumps(result["load_eager_chunks"]), flush=True)
                 # Host and device time of prompt-chunk steps beside decodes (the load's first half).
                 profiled(lambda: load(engine, c, c, n_in, 8, seed=500), f"{c} prompts of {n_in} tokens, 8 out")

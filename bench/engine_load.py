@@ -33,10 +33,10 @@ def load(engine: LLMEngine, concurrency: int, requests: int, prompt: int, max_to
             live.add(engine.add_request(None, sp, prompt_token_ids=prompts[sent]))
             sent += 1
         s0 = time.perf_counter()
-        outs = engine.step()
-        if engine.last_batch is not None:
-            kinds.setdefault(engine.last_batch.kind, []).append((time.perf_counter() - s0, engine.last_batch.num_tokens))
-        for o in outs:
+        step = engine.step()
+        if step.report is not None:
+            kinds.setdefault(step.report.kind, []).append((time.perf_counter() - s0, step.report.num_tokens))
+        for o in step.outputs:
             out += len(o.new_token_ids)
             if o.finished:
                 live.discard(o.request_id)

@@ -30,6 +30,7 @@ from fapool.policy import PolicyConfig, PoolCurve
 DEFAULTS = {
     "tiny": {"contexts": "256,1024,4096", "batches": "1,8", "decode_contexts": "1024", "steps": 16},
     "paper": {"contexts": "4096,16384,32768,65536", "batches": "1,8", "decode_contexts": "16384,65536", "steps": 32},
+    "llama8b": {"contexts": "4096,16384,32768", "batches": "1,8", "decode_contexts": "16384", "steps": 16},
 }
 
 
@@ -40,7 +41,8 @@ def ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="tiny (CPU, in a minute), paper (the paper's 1.3 B shape) or llama8b (Llama-3.1-8B's shape)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--pools", default="0,1,3", help="pool sizes to compare, ascending from 0")
     p.add_argument("--contexts", default=None, help="prefill and decode contexts (tokens)")
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="decode steps per point")
     p.add_argument("--oversized", type=int, default=-1, help="batch of the too-big-for-one-GPU point (-1: auto)")
     p.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="KV cache per actor (default: from GPU memory; on CPU four longest sequences)")
+                   help="KV cache per actor (default: from GPU memory; on CPU the largest decode batch, at "
+                        "least four, of the longest sequences)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-scaleup", action="store_true")
     p.add_argument("--out", default=os.environ.get("FAPOOL_BENCH_OUT", "bench/results"))
@@ -89,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             min(steps, 16), args.device))
         print(f"transformers: {result['hf']}", flush=True)
 
-    kv = args.kv_capacity_tokens or (None if on_gpu else 4 * (max(contexts) + steps + 1))
+    # On CPU: room for the largest decode batch at the longest context, with the slack that
+    # Bench.decode gives its sequences to decode together (a chunk a step, then 256 more).
+    chunks = -(-max(contexts) // EngineConfig().max_prefill_tokens)
+    longest = max(contexts) + steps + 1 + 256 + max(batches) * (chunks + 2)
+    kv = args.kv_capacity_tokens or (None if on_gpu else max(4, max(batches)) * longest)
     ccfg = ClusterConfig(engine=EngineConfig(model=args.preset, device=args.device, kv_capacity_tokens=kv),
                          policy=PolicyConfig(PoolCurve(((1, 0),)), 0, 0.0), profile=True,
-                         member_kv_capacity_tokens=kv, pool_wait_s=600.0, data_plane_timeout_s=600.0)
+                         member_kv_capacity_tokens=kv, pool_wait_s=600.0, data_plane_timeout_s=600.0,
+                         # On CPU every pool size asked for, however few the cores (slower, not refused).
+                         max_cpu_members=None if on_gpu else max(pools))
     name = args.name or f"{args.preset}-{probe['device'].replace(' ', '_')}-{int(result['num_gpus'])}gpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

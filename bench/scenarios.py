@@ -73,16 +73,30 @@ class Bench:
 
     # ---- scenarios ------------------------------------------------------------------------
     def prefill(self, pool: int, n: int, repeats: int = 2) -> dict:
-        self.steps()
-        walls = []
+        """TTFT of one n-token prompt alone: the sum of its prefill steps (a prompt over the
+        engine's prefill budget is prefilled a chunk a step), best of `repeats`."""
+        best: dict | None = None
         for _ in range(repeats):
+            self.steps()
             t0 = time.perf_counter()
             self.run([self.prompt(n)], 1)
-            walls.append(time.perf_counter() - t0)
-        pre = [s for s in self.steps() if s.kind == "prefill" and s.num_tokens == n]
-        best = min(pre, key=lambda s: s.wall_s)
-        return {"pool": pool, "context": n, "batch": 1, "ttft_s": best.wall_s, "client_s": min(walls),
-                "phases": dict(best.phases), "pooled": best.num_pooled}
+            wall = time.perf_counter() - t0
+            pre = [s for s in self.steps() if s.kind == "prefill"]
+            if sum(s.num_tokens for s in pre) != n:
+                raise RuntimeError(f"the {n}-token prompt's prefill steps hold {sum(s.num_tokens for s in pre)} "
+                                   "tokens; another request shared the base")
+            phases: dict[str, float] = {}
+            for s in pre:
+                for name, sec in s.phases:
+                    phases[name] = phases.get(name, 0.0) + sec
+            r = {"pool": pool, "context": n, "batch": 1, "ttft_s": sum(s.wall_s for s in pre), "client_s": wall,
+                 "chunks": len(pre), "phases": phases, "pooled": max(s.num_pooled for s in pre)}
+            if best is None or r["ttft_s"] < best["ttft_s"]:
+                best = r | {"client_s": min(wall, best["client_s"]) if best else wall}
+            elif wall < best["client_s"]:
+                best["client_s"] = wall
+        assert best is not None, "repeats >= 1"
+        return best
 
     def decode(self, pool: int, n: int, batch: int, steps: int) -> dict:
         self.steps()

@@ -4,9 +4,11 @@
     python -m bench.serve --url http://127.0.0.1:8000 --concurrency 64 --requests 128 \
         --prompt-tokens 1000 --max-tokens 128 --stall --out $OUT
 
-Streaming `/generate` with random prompt ids, greedy, `ignore_eos`. Reports output tokens/s and
-TTFT / TPOT / end-to-end p50 and p99 at the given concurrency; with `--stall`, the largest gap
-between two tokens of running streams while a long prompt arrives, and that prompt's TTFT against
+Streaming `/generate` with random prompt ids (below the served model's `vocab_size`, which
+`/v1/models` reports), greedy, `ignore_eos`; a run in which any request fails exits 1 and says
+why. Reports output tokens/s and TTFT / TPOT / end-to-end p50 and p99 at the given concurrency;
+with `--stall`, the largest gap between two tokens of running streams while a long prompt
+arrives, and that prompt's TTFT against
 its TTFT alone; with `--ttft`, a first request right after `/ready` against the same repeated, and
 prompt lengths never seen before against a repeated length. Prints a table last; writes JSON.
 
@@ -25,6 +27,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +46,14 @@ class Stream:
     error: str | None = None
 
 
-def pct(xs: list[float], q: float) -> float:
+def pct(xs: list[float], q: float) -> float | None:
+    """None where nothing was measured: JSON has no NaN, and a run with failures stops anyway."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else 1e3 * x
 
 
 async def one(client: aiohttp.ClientSession, url: str, ids: list[int], max_tokens: int, headers: dict,
@@ -79,7 +87,22 @@ def session(connections: int = 16) -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
-VOCAB = [30000]  # prompt ids are drawn from [3, VOCAB): 30000 fits the paper preset, --vocab for others
+VOCAB = [30000]  # prompt ids are drawn from [3, VOCAB): the served model's vocab_size (main() asks)
+
+
+async def served_vocab(url: str, headers: dict) -> int:
+    """The served model's vocabulary, from `/v1/models` (its card's vocab_size)."""
+    async with session() as client, client.get(url + "/v1/models", headers=headers) as r:
+        if r.status != 200:
+            raise Failed(f"GET {url}/v1/models answered {r.status}: {(await r.read())[:200]!r}")
+        card = (await r.json())["data"][0]
+    if not card.get("vocab_size"):
+        raise Failed(f"{url}/v1/models reports no vocab_size; pass --vocab")
+    return int(card["vocab_size"])
+
+
+class Failed(RuntimeError):
+    """The benchmark cannot give a true number: it says why and exits 1."""
 
 
 def prompt(n: int, rng: random.Random) -> list[int]:
@@ -107,10 +130,10 @@ async def load(url: str, concurrency: int, requests: int, prompt_tokens: int, ma
     return {"concurrency": concurrency, "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
             "ok": len(ok), "errors": [s.error for s in streams if s.error][:5], "wall_s": wall,
             "output_tokens_per_s": out / wall,
-            "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99),
-                        "mean": 1e3 * statistics.fmean(ttft) if ttft else float("nan")},
-            "tpot_ms": {"p50": 1e3 * pct(tpot, 0.5), "p99": 1e3 * pct(tpot, 0.99)},
-            "e2e_ms": {"p50": 1e3 * pct(e2e, 0.5), "p99": 1e3 * pct(e2e, 0.99)},
+            "ttft_ms": {"p50": ms(pct(ttft, 0.5)), "p99": ms(pct(ttft, 0.99)),
+                        "mean": ms(statistics.fmean(ttft) if ttft else None)},
+            "tpot_ms": {"p50": ms(pct(tpot, 0.5)), "p99": ms(pct(tpot, 0.99))},
+            "e2e_ms": {"p50": ms(pct(e2e, 0.5)), "p99": ms(pct(e2e, 0.99))},
             # Per request: sent (wall clock), first and last token (seconds after sent).
             "timeline": [(round(s.sent_wall_s, 4), round(s.token_s[0] - s.sent_s, 4), round(s.token_s[-1] - s.sent_s, 4))
                          for s in ok]}
@@ -152,7 +175,7 @@ async def stall(url: str, streams: int, stream_tokens: int, long_tokens: int, he
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return {"streams": streams, "stream_tokens": stream_tokens, "long_tokens": long_tokens,
-            "max_gap_ms": 1e3 * max(gaps, default=float("nan")), "gaps_seen": len(gaps),
+            "max_gap_ms": ms(max(gaps, default=None)), "gaps_seen": len(gaps),
             "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams,
             "window_s": time.perf_counter() - t0}
 
@@ -224,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-long-tokens", type=int, default=120000)
     p.add_argument("--stall-stream-tokens", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=30000, help="prompt ids are drawn below this")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="prompt ids are drawn below this (default: the server's vocab_size, from /v1/models)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--name", default="serve")
     p.add_argument("--render", type=Path, nargs="*", default=None,
@@ -234,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         put_section(args.doc, START, END, markdown(args.render))
         return 0
-    VOCAB[0] = args.vocab
     stand_in = None
     if args.stand_in:
         from bench import stand_in as stand_in_mod
@@ -245,37 +268,50 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"url": args.url, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "client": "aiohttp",
                     "stand_in": args.stand_in}
     try:
+        VOCAB[0] = args.vocab or (30000 if args.stand_in else asyncio.run(served_vocab(args.url, headers)))
         if args.ttft:  # first: the first request after /ready is part of it
             result["ttft"] = asyncio.run(ttft_table(args.url, headers, args.seed))
             print(json.dumps(result["ttft"]), flush=True)
         result["load"] = asyncio.run(load(args.url, args.concurrency, args.requests, args.prompt_tokens,
                                           args.max_tokens, headers, args.seed))
         print(json.dumps({k: v for k, v in result["load"].items() if k != "timeline"}), flush=True)
+        if result["load"]["ok"] < args.requests:
+            ld = result["load"]
+            raise Failed(f"{args.requests - ld['ok']} of {args.requests} requests failed; first errors: {ld['errors']}")
         if args.stall:
             result["stall"] = asyncio.run(stall(args.url, 8, args.stall_stream_tokens, args.stall_long_tokens,
                                                 headers, args.seed + 1))
             print(json.dumps(result["stall"]), flush=True)
+    except (Failed, aiohttp.ClientError) as e:
+        result["failed"] = str(e) or type(e).__name__
+        print(f"bench.serve: FAILED: {result['failed']}", file=sys.stderr, flush=True)
     finally:
         if stand_in is not None:
             stand_in.kill()
             stand_in.wait()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    if "failed" in result:
+        return 1
     ld = result["load"]
     print(f"\nconcurrency {ld['concurrency']}, {ld['requests']} requests of {ld['prompt_tokens']} tokens, "
           f"{ld['max_tokens']} out: {ld['output_tokens_per_s']:.0f} output tokens/s, "
-          f"TTFT p50 {ld['ttft_ms']['p50']:.0f} / p99 {ld['ttft_ms']['p99']:.0f} / mean {ld['ttft_ms'].get('mean', float('nan')):.0f} ms, "
-          f"TPOT p50 {ld['tpot_ms']['p50']:.2f} / p99 {ld['tpot_ms']['p99']:.2f} ms ({ld['ok']} ok)")
+          f"TTFT p50 {f(ld['ttft_ms']['p50'])} / p99 {f(ld['ttft_ms']['p99'])} / mean {f(ld['ttft_ms'].get('mean'))} ms, "
+          f"TPOT p50 {f(ld['tpot_ms']['p50'], 2)} / p99 {f(ld['tpot_ms']['p99'], 2)} ms ({ld['ok']} ok)")
     if "ttft" in result:
         t = result["ttft"]
         print(f"TTFT {t['tokens']} tokens: first after /ready {t['first_ms']:.0f} ms, repeated "
               f"{statistics.median(t['repeated_ms']):.0f} ms, new lengths {statistics.median(t['new_length_ms']):.0f} ms")
     if "stall" in result:
         s = result["stall"]
-        print(f"stall: {s['streams']} streams, {s['long_tokens']}-token prompt: max gap {s['max_gap_ms']:.0f} ms; "
+        print(f"stall: {s['streams']} streams, {s['long_tokens']}-token prompt: max gap {f(s['max_gap_ms'])} ms; "
               f"its TTFT {s['long_ttft_with_streams_ms']:.0f} ms vs {s['long_ttft_alone_ms']:.0f} ms alone")
     return 0
+
+
+def f(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 if __name__ == "__main__":

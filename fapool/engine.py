@@ -12,22 +12,19 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from fapool.attention import select_kernel
-from fapool.step_batch import StepBatch
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.graphs import BUCKETS, SegmentGraphs
-from fapool.pool.kv_store import capacity_from_memory
-from fapool.paged_cache import PagedKVCache
+from fapool.graphs import BUCKETS
 from fapool.loader import LoadedModel, load_model
-from fapool.logits import process_logits
-from fapool.logprobs import TokenLogprob, record_prompt_logprobs, sampled_logprobs
 from fapool.output import OutputProcessor
-from fapool.sampling import SamplingParams, make_generator, sample
+from fapool.paged_cache import PagedKVCache
+from fapool.pool.kv_store import capacity_from_memory
+from fapool.runner import ModelRunner, Sampled
+from fapool.sampling import SamplingParams, make_generator
 from fapool.scheduler import Scheduler
-from fapool.inflight import AsyncDecode, InFlight
-from fapool.sequence import Completion, RequestOutput, Sequence, SeqStatus
-from fapool.stats import EngineCounters
-from fapool.step_graph import PagedDecodeGraphs
+from fapool.sequence import Completion, RequestOutput, Sequence
+from fapool.stats import EngineStats, EngineStep, StepReport
+from fapool.step_batch import ScheduledStep
 
 ExecutorFactory = Callable[[LoadedModel, PagedKVCache], AttentionExecutor]
 
@@ -49,29 +46,19 @@ class LLMEngine:
         # The arena takes its share up front: leave room for a long prefill's activations.
         capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev, 0.75)
         page = config.page_size or (128 if dev.type == "cuda" else 16)
-        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len)
+        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len,
+                                  config.prefix_caching)
         if executor_factory is None:
             kernel = select_kernel(dev, config.attention_kernel, dtype=self.loaded.dtype)
             self.executor: AttentionExecutor = LocalAttention(self.cache, kernel)
         else:
             self.executor = executor_factory(self.loaded, self.cache)
-        self.kernel = getattr(self.executor, "kernel", None)
-        self.scheduler = Scheduler(self.executor, config.max_num_seqs, config.max_prefill_tokens)
-        graphs = config.cuda_graphs and dev.type == "cuda"
-        # The whole decode step in one graph where the kernel reads pages itself; otherwise the
-        # non-attention work in graphs, attention eager between them.
-        self.step_graphs: PagedDecodeGraphs | None = None
-        self.async_decode: AsyncDecode | None = None
-        if graphs and self.kernel is not None and self.kernel.paged_in_graph:
-            self.use_step_graphs(capture=True)
-        # Steps the whole-step graph does not take, prompt chunks included: graph segments.
-        self.graphs = SegmentGraphs(self.model, dev, self.loaded.dtype,
-                                    config.max_prefill_tokens + config.max_num_seqs) if graphs else None
-        self._spill: list[RequestOutput] = []  # outputs read outside a step, reported by the next
+        self.scheduler = Scheduler(self.cache, self.executor, config.max_num_seqs, config.max_prefill_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.runner = ModelRunner(self.loaded, self.cache, self.executor, config, self.outputs.eos_ids)
+        self.kernel = self.runner.kernel
+        self._spill: list[RequestOutput] = []  # outputs read outside a step, reported by the next
         self._ids = itertools.count()
-        self.last_batch: StepBatch | None = None  # what the latest step ran (for step logs)
-        self.last_launch_s = 0.0  # host seconds the latest step took to enqueue its GPU work
         self.num_prefill_tokens = self.num_decode_tokens = 0  # rows computed, for the metrics
         self.warmup()  # on CUDA, before a base actor reports ready: the first request costs what the tenth does
 
@@ -132,137 +119,79 @@ class LLMEngine:
         self.scheduler.finish(seq)
         return self.outputs.abort(seq)
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request in flight (their outputs, finish_reason "abort")."""
+        return [out for s in [*self.scheduler.running, *self.scheduler.waiting]
+                if (out := self.abort(s.request_id)) is not None]
+
     def recompute(self, request_ids: Seq[str]) -> None:
         """Drop the KV of these running requests and prefill them again from their tokens so far
         (what a base does when a pool member holding their KV is lost)."""
-        self._spill += self._read(self.async_decode.take()) if self._inflight() is not None else []
+        self._spill += self._postprocess(self.runner.settle())
         seqs = [s for s in (self.scheduler.find(r) for r in request_ids) if s is not None]
         for seq in sorted(seqs, key=lambda s: s.arrival_s, reverse=True):
             self.scheduler.preempt(seq)
 
-    def counters(self) -> EngineCounters:
-        c = self.cache
-        return EngineCounters(c.num_pages - 1 - c.free_pages, c.num_pages - 1, c.page_size,
-                              self.scheduler.num_preemptions, self.num_prefill_tokens, self.num_decode_tokens)
+    def stats(self) -> EngineStats:
+        c, sch, p = self.cache, self.scheduler, self.cache.prefix
+        seqs = (*sch.running, *sch.waiting)
+        return EngineStats(c.num_pages - 1 - c.free_pages, c.num_pages - 1, c.page_size, sch.num_preemptions,
+                           self.num_prefill_tokens, self.num_decode_tokens, len(sch.running), len(sch.waiting),
+                           c.reserved_tokens, c.capacity_tokens, tuple(s.length for s in seqs),
+                           tuple(s.request_id for s in seqs), prefix_queries=p.queries if p else 0,
+                           prefix_hits=p.hits if p else 0, prefix_cached_tokens=c.cached_tokens)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._inflight() is not None or bool(self._spill)
+        return self.scheduler.has_work() or self.runner.in_flight or bool(self._spill)
 
     def use_step_graphs(self, capture: bool = True) -> None:
-        """Run local decode steps whole through `PagedDecodeGraphs` (one graph replay each), with
-        async scheduling when `config.async_scheduling`. `capture=False` runs the same step
-        eagerly, for tests on the CPU."""
-        assert self.kernel is not None, "the executor has no local kernel"
-        self.step_graphs = PagedDecodeGraphs(self.model, self.cache, self.kernel, self.config.max_num_seqs, capture,
-                                             fuse=self.loaded.compiled)
-        self.async_decode = AsyncDecode(self.step_graphs) if self.config.async_scheduling else None
+        """See `ModelRunner.use_step_graphs` (`capture=False`: the whole-step path eagerly, on the CPU)."""
+        self.runner.use_step_graphs(capture)
 
-    def _inflight(self) -> InFlight | None:
-        return self.async_decode.inflight if self.async_decode is not None else None
+    def set_token_budget(self, max_prefill_tokens: int) -> None:
+        """Prompt tokens a step may carry beside its decodes, from now on."""
+        self.scheduler.token_budget = max_prefill_tokens
 
     # ---- the token loop -------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one step (decodes and prompt chunks); report what each request in it gained. With a
-        captured step in flight, what is reported is the previous step's tokens (one step late)."""
+    def step(self) -> EngineStep:
+        """Schedule one step (decodes and prompt chunks), run it, and report what each request in
+        it gained. With a captured step in flight, the tokens reported are the previous step's
+        (one step late)."""
         if self._spill:
             out, self._spill = self._spill, []
-            return out
-        if self._inflight() is not None and not self._chainable():
-            return self._read(self.async_decode.take())  # settle first: the next step is not blind
+            return EngineStep(out)
+        runner = self.runner
+        if runner.in_flight and not runner.chains(self.scheduler.decode_all()):
+            return EngineStep(self._postprocess(runner.settle()))  # settle first: the next step is not blind
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled is None:
-            self.last_batch = None
-            return self._read(self.async_decode.take()) if self._inflight() is not None else []
-        batch, seqs = scheduled
-        self.last_batch = batch
-        decodes = sum(1 for q, s in zip(seqs, batch.slices) if s.num_tokens == 1 and s.start >= len(q.prompt_ids))
-        self.num_decode_tokens += decodes
-        self.num_prefill_tokens += batch.num_tokens - decodes
-        n = len(seqs)
-        captured = batch.kind == "decode" and self.step_graphs is not None and self.step_graphs.bucket(n) \
-            and self.executor.graph_safe(batch)
-        if captured and self.async_decode is not None and not any(s.params.needs_logits for s in seqs):
-            self.executor.begin_step(batch)
-            prev = self.async_decode.launch(batch, seqs)
-            self.executor.end_step()
-            self.last_launch_s = time.perf_counter() - t0
-            return self._read(prev) if prev is not None else []
-        if self._inflight() is not None:  # cannot happen after _chainable(); settle, run it next call
-            return self._read(self.async_decode.take())
-        # A failure inside the step (a lost pool member) propagates before end_step: nothing of
-        # the step is committed, and the scheduler can run it again.
-        self.executor.begin_step(batch)
-        if captured:
-            logits = self.step_graphs.run([seq.token_slice(s.start, s.end)[0] for seq, s in zip(seqs, batch.slices)],
-                                          batch.slices)
-            sampled = list(range(n))
-        else:
-            logits, sampled = self._forward(batch, seqs)
-        self.executor.end_step()
-        # Host time to enqueue the step: near the step's wall time means the host, not the GPU,
-        # sets the pace (the benchmark reports it).
-        self.last_launch_s = time.perf_counter() - t0
-        rows = [seqs[i] for i in sampled]
-        params = [q.params for q in rows]
-        processed = process_logits(logits, params, [(q.prompt_ids, q.output_ids) for q in rows], self.outputs.eos_ids)
-        tokens = sample(processed, params, [q.generator for q in rows])
-        # Of the raw logits (see fapool/logprobs.py), so after sampling from the processed ones.
-        lps = sampled_logprobs(logits, tokens, [p.logprobs for p in params])
-        for seq, s in zip(seqs, batch.slices):
-            seq.num_cached = s.end
-        return self._append(rows, tokens, lps)
+            return EngineStep(self._postprocess(runner.settle()))
+        sampled = runner.run(scheduled)
+        if sampled is None:  # it cannot follow the decode in flight: settle, schedule it again next call
+            return EngineStep(self._postprocess(runner.settle()))
+        report = self._report(scheduled, runner.launched_s - t0)
+        if scheduled.batch.kind == "prefill":  # prompt pages it filled, for the prefix cache
+            self.scheduler.publish(scheduled.seqs)
+        return EngineStep(self._postprocess(sampled), report)
 
-    def _chainable(self) -> bool:
-        """Whether the next step is a greedy local decode of every running sequence, none of which
-        needs its logits on the host, which can be launched before the tokens in flight are read."""
-        sch, ex = self.scheduler, self.executor
-        if sch.waiting or not sch.running or self.step_graphs.bucket(len(sch.running)) is None:
-            return False
-        return all(not s.params.needs_logits and s.length - s.num_cached == 1 and not ex.prefill_whole(s.request_id)
-                   for s in sch.running)
+    def _report(self, scheduled: ScheduledStep, launch_s: float) -> StepReport:
+        self.num_decode_tokens += scheduled.num_decode_tokens
+        self.num_prefill_tokens += scheduled.num_prompt_tokens
+        return StepReport(scheduled.batch, scheduled.num_prompt_tokens, scheduled.num_decode_tokens, launch_s,
+                          self.executor.phase_times())
 
-    def _read(self, flight: InFlight) -> list[RequestOutput]:
-        tokens = flight.tokens()
-        for seq in flight.seqs:
-            seq.pending -= 1
-        # A sequence that finished (or was aborted) meanwhile drops the token of its extra step.
-        keep = [(seq, t) for seq, t in zip(flight.seqs, tokens) if seq.status != SeqStatus.FINISHED]
-        return self._append([seq for seq, _ in keep], [t for _, t in keep])
-
-    def _append(self, seqs: list[Sequence], tokens: list[int],
-                logprobs: list[TokenLogprob | None] | None = None) -> list[RequestOutput]:
+    def _postprocess(self, sampled: Sampled) -> list[RequestOutput]:
+        """Each sampled token into its request's output; a finished request leaves the batch."""
         now = time.monotonic()
         results = []
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            out = self.outputs.append(seq, tok, now, logprobs[i] if logprobs is not None else None)
+        lps = sampled.logprobs
+        for i, (seq, tok) in enumerate(zip(sampled.seqs, sampled.tokens)):
+            out = self.outputs.append(seq, tok, now, lps[i] if lps is not None else None)
             if out.finished:
                 self.scheduler.finish(seq)
             results.append(out)
         return results
-
-    def _forward(self, batch: StepBatch, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """The step without the whole-step graph (graph segments around eager attention where a
-        bucket holds it): logits of the rows that sample, and which sequences those are (a prompt
-        chunk that does not reach the end samples nothing)."""
-        flat: list[int] = []
-        positions: list[int] = []
-        for seq, s in zip(seqs, batch.slices):
-            flat += seq.token_slice(s.start, s.end)
-            positions += range(s.start, s.end)
-        # One host-to-device copy for both.
-        input_ids, pos = torch.tensor([flat, positions], dtype=torch.long).to(self.loaded.device,
-                                                                             non_blocking=True).unbind(0)
-        if self.graphs is not None and self.graphs.bucket(len(flat)):
-            hidden = self.graphs.run(input_ids, pos, self.executor.attend)
-        else:
-            hidden = self.model(input_ids, pos, self.executor)
-        if batch.kind == "decode":  # every row is its sequence's last token: no gather needed
-            return self.model.logits(hidden[: len(seqs)]), list(range(len(seqs)))
-        record_prompt_logprobs(self.model.logits, hidden, batch, seqs)
-        ends = batch.offsets()[1:]
-        sampled = [i for i, (seq, s) in enumerate(zip(seqs, batch.slices)) if s.end == seq.length]
-        return self.model.logits(hidden[[ends[i] - 1 for i in sampled]]), sampled
 
     @torch.inference_mode()
     def warmup(self, force: bool = False) -> None:
@@ -271,10 +200,7 @@ class LLMEngine:
         with `force` (tests). The counters start again at zero: warm-up is no user's work."""
         if self.loaded.device.type != "cuda" and not force:
             return  # nothing to compile or capture
-        if self.step_graphs is not None:
-            self.step_graphs.capture_all()
-        if self.graphs is not None:
-            self.graphs.capture_all(min_tokens=BUCKETS[-1] + 1)  # prompt chunks' (decode's: when first used)
+        self.runner.warmup(min_chunk_tokens=BUCKETS[-1] + 1)  # prompt chunks' graphs (decode's: when first used)
         budget = self.scheduler.token_budget
         # Alone, then together: prompt chunks up to the budget, and chunks beside decodes.
         for group in ((1,), (7,), (100,), (1000,), (budget,), (3, 50, 2 * budget + 300)):
@@ -285,6 +211,7 @@ class LLMEngine:
             while any(self.scheduler.find(r) is not None for r in rids) or self.has_unfinished():
                 self.step()
         self.scheduler.num_preemptions = self.num_prefill_tokens = self.num_decode_tokens = 0
+        self.cache.reset_prefix()  # warm-up's prompts are no user's prefix
 
     def generate(
         self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()

@@ -6,7 +6,7 @@ from enum import Enum
 
 
 class ErrorType(str, Enum):
-    """The values are the strings that travel in `TokenEvent.error_type`."""
+    """The values are the strings that travel in `RequestOutput.error_type`."""
 
     INVALID_REQUEST = "invalid_request"  # the request can never run as sent (a bad value, too long)
     OVERLOADED = "overloaded"  # the base's queue is full: the same request may run later

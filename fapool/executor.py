@@ -1,7 +1,8 @@
 """The attention seam between the model and where attention runs.
 
 The model calls `attend(layer, q, k, v)` for every layer; an executor stores the new K, V and
-returns the attention output. `LocalAttention` does both on the engine's own device over its
+returns the attention output. Pages are the scheduler's (`fapool/scheduler.py`): an executor
+only writes and reads the rows it is given. `LocalAttention` does both on the engine's own device over its
 paged KV cache; the pool's executor (`fapool/pool/`) keeps short sequences local and fans long ones
 out to pool members.
 """
@@ -30,33 +31,44 @@ class RowsPlan:
     decode: bool  # one new row per sequence
 
 
-class AttentionExecutor(ABC):
-    """Owns the KV of running sequences and computes their attention.
+@dataclass(frozen=True)
+class Placement:
+    """Where a new sequence's prompt rows go, as its executor plans them: `local_rows` on the
+    base's own pages, which must have `room_rows` free now; `shards`, the executor's plan for the
+    rest (pool members and their rows), None when every row stays local."""
 
-    Contract: `allocate` takes room for a sequence's prompt before its prefill; `grow` takes room
-    for more rows before a step that adds them (False: no room now, the scheduler preempts);
-    `begin_step` announces the batch whose tokens the following `attend` calls carry (flat, in
-    batch order); `end_step` closes it (the new tokens are then cached); `free` releases a
-    finished or preempted sequence.
+    local_rows: int
+    room_rows: int
+    shards: object | None = None
+
+
+class AttentionExecutor(ABC):
+    """Computes the attention of running sequences, over the scheduler's pages and, for a pooled
+    executor, shards on other devices.
+
+    The scheduler owns the pages (`PagedKVCache`, the block manager); what else a sequence needs
+    to start (its shards on pool members) it asks here: `plan` is a pure check, `place` the act,
+    `release` undoes it when the sequence ends or is preempted. `begin_step` announces the batch
+    whose tokens the following `attend` calls carry (flat, in batch order); `end_step` closes it
+    (the new tokens are then cached).
     """
 
     @abstractmethod
     def max_seq_tokens(self) -> int:
         """The longest sequence (prompt + max_tokens) this executor could ever hold."""
 
-    @abstractmethod
-    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        """Whether a sequence of `num_prompt` tokens to prefill, `num_tokens` at most, can start now."""
+    def plan(self, seq_id: str, num_prompt: int, waited_s: float, cached_rows: int = 0) -> Placement | None:
+        """Where a sequence of `num_prompt` rows would go if it started now, having been held back
+        for `waited_s` seconds, its first `cached_rows` found in the prefix cache (a local
+        placement's pages would start with them); None: hold it back (a pool is growing for it),
+        others may start. Changes nothing."""
+        return Placement(num_prompt, num_prompt)
 
-    @abstractmethod
-    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None: ...
+    def place(self, seq_id: str, placement: Placement) -> None:
+        """Take what `placement` holds beyond the base's pages (after the scheduler took those)."""
 
-    @abstractmethod
-    def grow(self, seq_id: str, num_new: int) -> bool:
-        """Room for `num_new` more rows of this sequence; False when the cache has none free."""
-
-    @abstractmethod
-    def free(self, seq_id: str) -> None: ...
+    def release(self, seq_id: str) -> None:
+        """Give back what `place` took (the sequence ended or was preempted)."""
 
     def prefill_whole(self, seq_id: str) -> bool:
         """Whether this sequence's prompt must be prefilled in one step (pooled prompts are split
@@ -77,9 +89,9 @@ class AttentionExecutor(ABC):
     def end_step(self) -> None:
         """Called after the last layer; the step's tokens are now cached."""
 
-    def kv_usage(self) -> tuple[int, int]:
-        """(rows held, rows in all) of the local cache."""
-        return 0, 0
+    def phase_times(self) -> tuple[tuple[str, float], ...]:
+        """Seconds per phase of the steps since the last call, with profiling on (else empty)."""
+        return ()
 
 
 class LocalAttention(AttentionExecutor):
@@ -95,20 +107,8 @@ class LocalAttention(AttentionExecutor):
     def max_seq_tokens(self) -> int:
         return self.cache.max_pages_per_seq * self.cache.page_size
 
-    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        return self.cache.can_allocate(num_prompt)
-
-    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
-        self.cache.allocate(seq_id, num_prompt)
-
-    def grow(self, seq_id: str, num_new: int) -> bool:
-        return self.cache.grow(seq_id, self.cache.get(seq_id).length + num_new)
-
-    def free(self, seq_id: str) -> None:
-        self.cache.free(seq_id)
-
-    def kv_usage(self) -> tuple[int, int]:
-        return self.cache.reserved_tokens, self.cache.capacity_tokens
+    def phase_times(self) -> tuple[tuple[str, float], ...]:
+        return tuple(sorted(self.timer.collect().items())) if self.timer.enabled else ()
 
     def rows_plan(self, seq_ids: list[str], starts: list[int], ends: list[int]) -> RowsPlan:
         c = self.cache

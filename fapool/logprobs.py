@@ -8,13 +8,9 @@ Each batch of rows costs one device-to-host copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
-
-if TYPE_CHECKING:
-    from fapool.step_batch import StepBatch
-    from fapool.sequence import Sequence
 
 # Prompt rows turned into logits at once: bounds the (rows, vocab) float32 buffer of a long prompt.
 PROMPT_ROWS_PER_PASS = 256
@@ -65,19 +61,3 @@ def _with_top(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogp
         host, ids = chosen[:, None].cpu(), [[] for _ in tokens]
     vals = host.tolist()
     return [TokenLogprob(t, v[0], tuple(zip(ids[r], v[1:]))) for r, (t, v) in enumerate(zip(tokens, vals))]
-
-
-def record_prompt_logprobs(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                           batch: "StepBatch", seqs: list["Sequence"]) -> None:
-    """Add to each prompt-logprob request's `prompt_lps` what this step's rows of its prompt give.
-    A chunk's row at position p scores prompt token p + 1, so chunked prefill needs no extra pass;
-    rows already scored before a preemption are not scored again."""
-    offsets = batch.offsets()
-    for i, (seq, s) in enumerate(zip(seqs, batch.slices)):
-        k = seq.params.prompt_logprobs
-        if k is None:
-            continue
-        lo, hi = max(s.start, len(seq.prompt_lps)), min(s.end, len(seq.prompt_ids) - 1)
-        if lo < hi:
-            rows = hidden[offsets[i] + lo - s.start : offsets[i] + hi - s.start]
-            seq.prompt_lps += prompt_logprobs(logits_of, rows, seq.prompt_ids[lo + 1 : hi + 1], k)

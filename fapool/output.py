@@ -29,19 +29,21 @@ class OutputProcessor:
         if token in p.stop_token_set or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         if seq.stream is None:
-            seq.stream = self.tokenizer.stream()
+            seq.stream = self.tokenizer.stream(p.skip_special_tokens)
         before = len(seq.text)
         seq.text += seq.stream.step(token)  # one token's work, not a decode of the whole output
         cut_at_stop = False
         # Only matches the new text completes; none before min_tokens, as vLLM.
         cut = p.stop_matcher.find(seq.text, before) if len(seq.output_ids) >= p.min_tokens else -1
         if cut >= 0:
+            if p.include_stop_str_in_output:  # the longest stop string starting there matched
+                cut += max(len(s) for s in p.stop if seq.text.startswith(s, cut))
             seq.text, seq.finish_reason, cut_at_stop = seq.text[:cut], "stop", True
         if seq.finish_reason is None and len(seq.output_ids) >= p.max_tokens:
             seq.finish_reason = "length"
         if seq.finish_reason is not None and not cut_at_stop:
             # The stream holds back an unfinished character; one whole decode settles the end.
-            full = self.tokenizer.decode(seq.output_ids)
+            full = self.tokenizer.decode(seq.output_ids, p.skip_special_tokens)
             if full.startswith(seq.text):
                 seq.text = full
         return self._report(seq, (token,), logprobs=(logprob,) if logprob is not None else ())
@@ -73,6 +75,7 @@ class OutputProcessor:
             logprobs=logprobs,
             prompt_logprobs=self._prompt_logprobs(seq) if new_ids else None,
             queue_s=seq.scheduled_s - seq.arrival_s if finished and seq.scheduled_s is not None else None,
+            cached_tokens=seq.cached_tokens,
         )
 
     @staticmethod
@@ -95,4 +98,5 @@ class OutputProcessor:
             completion_tokens=len(seq.output_ids),
             logprobs=tuple(seq.output_logprobs),
             prompt_logprobs=(None, *seq.prompt_lps) if seq.params.prompt_logprobs is not None else None,
+            cached_tokens=seq.cached_tokens,
         )

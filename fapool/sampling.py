@@ -39,6 +39,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt + output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # EOS and stop_token_ids are masked until the output has this many tokens
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (vLLM's)
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text in it
+    skip_special_tokens: bool = True  # leave special tokens (bos, eos, ...) out of the text
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -69,6 +72,8 @@ class SamplingParams:
             raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; send at most {MAX_LOGIT_BIAS}")
         if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p!r}; use a value in [0, 1] (0 is off)")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens!r}; use an integer in [0, max_tokens={self.max_tokens}]")
 
@@ -188,6 +193,8 @@ def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

@@ -3,10 +3,10 @@
 Each step has a token budget. Running sequences that decode take one token each; the rest of
 the budget goes to prompt chunks, first of sequences whose prefill is under way, then of newly
 admitted ones, so a long prompt is prefilled a chunk a step while every stream keeps getting
-tokens. Requests join and leave between steps; a waiting request is admitted in order when the
-cache has room for its prompt.
+tokens. Requests join and leave between steps (admission: `fapool/admission.py`).
 
-KV pages are taken as sequences grow. When a decode cannot get a page, the youngest running
+The scheduler owns the KV pages (`PagedKVCache`, the block manager, as in nano-vllm and vLLM):
+pages are taken as sequences grow. When a decode cannot get a page, the youngest running
 sequence is preempted: its pages are freed and it queues first, to be prefilled again from its
 tokens so far (recompute), which gives the same tokens as an uninterrupted run.
 
@@ -15,32 +15,23 @@ in prefill steps of their own, and decodes then run in steps of their own.
 """
 from __future__ import annotations
 
-import time
-from collections import deque
-
-from fapool.step_batch import SeqSlice, StepBatch
+from fapool.admission import Admission
 from fapool.executor import AttentionExecutor
+from fapool.paged_cache import PagedKVCache
 from fapool.sequence import Sequence, SeqStatus
+from fapool.step_batch import ScheduledStep, SeqSlice, StepBatch
 
 
-class Scheduler:
-    def __init__(self, executor: AttentionExecutor, max_num_seqs: int, max_prefill_tokens: int) -> None:
-        self.executor = executor
-        self.max_num_seqs = max_num_seqs
+class Scheduler(Admission):
+    def __init__(self, cache: PagedKVCache, executor: AttentionExecutor, max_num_seqs: int,
+                 max_prefill_tokens: int) -> None:
+        super().__init__(cache, executor, max_num_seqs)
         self.token_budget = max_prefill_tokens  # prompt tokens per step, beside the decodes
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._decode_turn = False  # alternation when decodes cannot share a step with prefills
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def schedule(self) -> tuple[StepBatch, list[Sequence]] | None:
-        """The next step's batch, or None when nothing can run now."""
+    def schedule(self) -> ScheduledStep | None:
+        """The next step, or None when nothing can run now."""
         ex = self.executor
         decoding = [s for s in self.running if self._decodes(s)]
         # Pooled sequences exchange per-step messages whose kind is the step's kind: keep their
@@ -56,18 +47,28 @@ class Scheduler:
             seqs = decoding + [s for s, _ in chunks]
             slices = [SeqSlice(s.request_id, s.num_cached, 1) for s in decoding]
             slices += [SeqSlice(s.request_id, s.num_cached, n) for s, n in chunks]
-            return StepBatch("prefill", tuple(slices)), seqs
+            return _scheduled("prefill", seqs, slices)
         if separate:
             return self._decode_step()
         if decoding:
-            return StepBatch("decode", tuple(SeqSlice(s.request_id, s.num_cached, 1) for s in decoding)), decoding
+            return _scheduled("decode", decoding, [SeqSlice(s.request_id, s.num_cached, 1) for s in decoding])
         return None
 
-    def _decode_step(self) -> tuple[StepBatch, list[Sequence]] | None:
+    def decode_all(self) -> list[Sequence] | None:
+        """The running sequences, if the next step is a local decode of every one of them (nothing
+        waits, none is pooled): what a decode launched before the tokens in flight are read runs."""
+        if self.waiting or not self.running:
+            return None
+        ex = self.executor
+        if all(s.length - s.num_cached == 1 and not ex.prefill_whole(s.request_id) for s in self.running):
+            return self.running
+        return None
+
+    def _decode_step(self) -> ScheduledStep | None:
         seqs = self._grown([s for s in self.running if self._decodes(s)])
         if not seqs:
             return None
-        return StepBatch("decode", tuple(SeqSlice(s.request_id, s.num_cached, 1) for s in seqs)), seqs
+        return _scheduled("decode", seqs, [SeqSlice(s.request_id, s.num_cached, 1) for s in seqs])
 
     @staticmethod
     def _decodes(seq: Sequence) -> bool:
@@ -78,8 +79,10 @@ class Scheduler:
     def _grown(self, seqs: list[Sequence]) -> list[Sequence]:
         """Give each decoding sequence room for its next token, preempting the youngest running
         sequences while pages are short. Returns those still running."""
+        cache = self.cache
         for seq in sorted(seqs, key=lambda s: s.arrival_s):
-            while seq.status == SeqStatus.RUNNING and not self.executor.grow(seq.request_id, 1):
+            rid = seq.request_id
+            while seq.status == SeqStatus.RUNNING and not cache.grow(rid, cache.get(rid).length + 1):
                 self.preempt(max(self.running, key=lambda s: s.arrival_s))
                 self.num_preemptions += 1
         return [s for s in seqs if s.status == SeqStatus.RUNNING]
@@ -96,49 +99,23 @@ class Scheduler:
                 n = left if ex.prefill_whole(seq.request_id) else min(left, budget)
                 chunks.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = seq.length  # the prompt, plus earlier output for a preempted sequence
-            if not ex.can_allocate(seq.request_id, n, seq.max_length):
-                break  # in order: later requests do not overtake one waiting for room
-            self.waiting.popleft()
-            ex.allocate(seq.request_id, n, seq.max_length)
-            if seq.scheduled_s is None:  # its queue time ends at its first admission
-                seq.scheduled_s = time.monotonic()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            if ex.prefill_whole(seq.request_id) and n > budget and chunks:
+        if budget <= 0:
+            return chunks
+        for seq in self.admit():
+            left = seq.length - seq.num_cached
+            if ex.prefill_whole(seq.request_id) and left > budget and chunks:
                 break  # a pooled prompt runs whole: next step
-            take = n if ex.prefill_whole(seq.request_id) else min(n, budget)
+            take = left if ex.prefill_whole(seq.request_id) else min(left, budget)
             chunks.append((seq, take))
             budget -= take
+            if budget <= 0:
+                break
         return chunks
 
-    def finish(self, seq: Sequence) -> None:
-        """Take a sequence out of the batch and release its KV."""
-        if seq.status == SeqStatus.RUNNING:
-            self.running.remove(seq)
-            self.executor.free(seq.request_id)
-        elif seq.status == SeqStatus.WAITING:
-            self.waiting.remove(seq)
-        seq.status = SeqStatus.FINISHED
 
-    def preempt(self, seq: Sequence) -> None:
-        """Release a running sequence's KV and queue it first, to be prefilled again (prompt and
-        output so far) when it is re-admitted: recompute, as after the loss of a pool member."""
-        assert seq.status == SeqStatus.RUNNING
-        self.running.remove(seq)
-        self.executor.free(seq.request_id)
-        seq.num_cached = 0
-        seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
-
-    def find(self, request_id: str) -> Sequence | None:
-        for seq in (*self.running, *self.waiting):
-            if seq.request_id == request_id:
-                return seq
-        return None
-
-    def contexts_in_flight(self) -> list[int]:
-        """Context length of every admitted or waiting request (what the pool policy reads)."""
-        return [s.length for s in (*self.running, *self.waiting)]
+def _scheduled(kind: str, seqs: list[Sequence], slices: list[SeqSlice]) -> ScheduledStep:
+    # A row decodes when it is the one token after the prompt and output so far (a one-token
+    # prompt's first step is a prompt row).
+    decodes = sum(1 for q, s in zip(seqs, slices) if s.num_tokens == 1 and s.start >= len(q.prompt_ids))
+    rows = len(slices) if kind == "decode" else sum(s.num_tokens for s in slices)
+    return ScheduledStep(StepBatch(kind, tuple(slices)), tuple(seqs), rows - decodes, decodes)

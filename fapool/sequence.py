@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fapool.errors import ErrorType
 from fapool.logprobs import TokenLogprob
 from fapool.sampling import SamplingParams
 
@@ -28,11 +29,13 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_cached: int = 0  # tokens whose K, V are stored
+    cached_tokens: int = 0  # of its prompt, rows found in the prefix cache at its first admission
     text: str = ""  # decoded output, cut at a stop string
     sent_text_len: int = 0  # characters already reported
     finish_reason: str | None = None
     first_token_s: float | None = None
     scheduled_s: float | None = None  # monotonic time of its first admission to the running batch
+    aside_since_s: float | None = None  # since when its executor holds it back (a pool grows for it)
     stream: object | None = None  # the tokenizer's TextStream of this output, made at the first token
     pending: int = 0  # tokens sampled on the device whose values the host has not read yet
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
@@ -43,6 +46,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host has (not those still on the device)."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def max_length(self) -> int:
@@ -61,7 +69,8 @@ class Sequence:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One step's news about a request: new tokens and text, and whether it has finished."""
+    """One step's news about a request: new tokens and text, and whether it has finished. The one
+    event type from the engine to a client: base actors stream these to the HTTP routes as they are."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -75,6 +84,13 @@ class RequestOutput:
     # With params.prompt_logprobs, once (with the first token): None for the first prompt token.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     queue_s: float | None = None  # once finished: seconds from arrival to first admission
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage's cached_tokens)
+    error_type: ErrorType | None = None  # with `error`: fix, retry or report it (None: internal)
+
+    @classmethod
+    def failed(cls, request_id: str, error: str, error_type: ErrorType = ErrorType.INTERNAL) -> "RequestOutput":
+        """The one event of a request that ends in an error (a refusal, or a fault around it)."""
+        return cls(request_id, (), "", True, "error", 0, 0, error, error_type=error_type)
 
 
 @dataclass(frozen=True)
@@ -89,3 +105,15 @@ class Completion:
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+    @classmethod
+    def of(cls, outputs: list[RequestOutput]) -> "Completion":
+        """The whole result of one request's stream of outputs, the last of which finished it."""
+        last = outputs[-1]
+        assert last.finish_reason is not None and last.finish_reason != "error", last
+        prompt_lps = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+        return cls(last.request_id, "".join(o.text_delta for o in outputs),
+                   tuple(t for o in outputs for t in o.new_token_ids), last.finish_reason, last.prompt_tokens,
+                   last.completion_tokens, tuple(lp for o in outputs for lp in o.logprobs), prompt_lps,
+                   last.cached_tokens)

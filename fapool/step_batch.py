@@ -1,7 +1,10 @@
-"""The shape of one engine step: which sequences run and where their tokens sit in the flat batch."""
+"""The shape of one engine step: which sequences run and where their tokens sit in the flat batch,
+and the scheduler's whole decision for it (`ScheduledStep`), the one value the model runner takes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from fapool.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -37,3 +40,15 @@ class StepBatch:
 
     def last_token_indices(self) -> list[int]:
         return [o - 1 for o in self.offsets()[1:]]
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """What the scheduler hands the model runner for one step (as vLLM's `SchedulerOutput`): the
+    batch, its sequences in batch order (their tokens and sampling parameters), and how many of its
+    rows decode (one new token after the prompt); the rest are prompt rows."""
+
+    batch: StepBatch
+    seqs: tuple[Sequence, ...]
+    num_prompt_tokens: int
+    num_decode_tokens: int

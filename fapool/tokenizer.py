@@ -50,8 +50,8 @@ class Tokenizer(ABC):
         """Text of `ids`; ids the tokenizer does not know decode to nothing."""
 
     @abstractmethod
-    def stream(self) -> TextStream:
-        """An incremental decoder for one sequence's output (specials skipped): each step costs
+    def stream(self, skip_special_tokens: bool = True) -> TextStream:
+        """An incremental decoder for one sequence's output: each step costs
         one token's work, where decoding the whole output again would cost its length."""
 
     @property
@@ -73,9 +73,17 @@ class Tokenizer(ABC):
         """Special tokens a chat template sees as variables (`bos_token`, `eos_token`, ...)."""
         return {}
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) into one prompt string."""
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.special_token_strings())
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also where they are not a whole UTF-8 character
+        (what OpenAI's logprobs `bytes` carry)."""
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) into one prompt string;
+        `template_kwargs` are more variables for the template (vLLM's chat_template_kwargs)."""
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    {**template_kwargs, **self.special_token_strings()})
 
 
 def _raise_exception(message: str) -> None:
@@ -128,17 +136,21 @@ class TextStream(ABC):
 
 
 class _ByteStream(TextStream):
-    def __init__(self) -> None:
+    def __init__(self, specials: dict[int, str]) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._specials = specials  # id -> text, for the specials the text keeps
 
     def step(self, token_id: int) -> str:
-        return self._utf8.decode(bytes([token_id])) if 0 <= token_id < 256 else ""
+        if 0 <= token_id < 256:
+            return self._utf8.decode(bytes([token_id]))
+        special = self._specials.get(token_id)
+        return self._utf8.decode(b"", final=True) + special if special else ""
 
 
 class _HFStream(TextStream):
-    def __init__(self, tok: RustTokenizer) -> None:
+    def __init__(self, tok: RustTokenizer, skip_special_tokens: bool) -> None:
         self._tok = tok
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         return self._stream.step(self._tok, token_id) or ""
@@ -174,8 +186,11 @@ class ByteTokenizer(Tokenizer):
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def stream(self) -> TextStream:
-        return _ByteStream()
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if 0 <= token_id < 256 else super().token_bytes(token_id)
+
+    def stream(self, skip_special_tokens: bool = True) -> TextStream:
+        return _ByteStream({} if skip_special_tokens else {self.BOS: "<s>", self.EOS: "</s>"})
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -235,8 +250,16 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def stream(self) -> TextStream:
-        return _HFStream(self._tok)
+    def stream(self, skip_special_tokens: bool = True) -> TextStream:
+        return _HFStream(self._tok, skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        if piece and all(ch in _BYTE_OF_CHAR for ch in piece) and self.decode([token_id], False) != piece:
+            return bytes(_BYTE_OF_CHAR[ch] for ch in piece)  # byte-level BPE (GPT-2's alphabet)
+        return super().token_bytes(token_id)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -252,6 +275,22 @@ class HFTokenizer(Tokenizer):
 
     def special_token_strings(self) -> dict[str, str]:
         return dict(self._specials)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character each byte is written as in a token."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -78,8 +78,12 @@ def output_entries(token_ids: Iterable[int], lps: Iterable[TokenLogprob]) -> lis
 
 def chat_logprobs(tok: Tokenizer, lps: Iterable[TokenLogprob]) -> dict:
     def item(tid: int, v: float) -> dict:
-        text = token_text(tok, tid)
-        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+        raw = tok.token_bytes(tid)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: its bytes, written as OpenAI writes them
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return {"token": text, "logprob": v, "bytes": list(raw)}
 
     return {"content": [{**item(lp.token_id, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
                         for lp in lps]}

@@ -16,6 +16,7 @@ from serve.errors import APIError
 from serve.fields import (MAX_BATCH_PROMPTS, CompletionPrompt, LogitBias, MaxTokens, PromptIds, Refused, Seed, Stop,
                           StopTokenIds, Temperature, Text, TopK, TopP, check_text, logit_bias_pairs)
 
+RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
 MAX_N = 128  # choices (or best_of candidates) per prompt: each is an engine request
 Logprobs = Annotated[Union[StrictInt, None], Field(ge=0, le=MAX_LOGPROBS)]
 
@@ -29,9 +30,19 @@ class ProcessorFields(BaseModel):
                                              description="vLLM's: 1 is off")
     logit_bias: LogitBias = None
     min_tokens: StrictInt | None = Field(None, ge=0)
+    # vLLM's: applied by the sampler and the detokenizer.
+    min_p: float | None = Field(None, ge=0.0, le=1.0, strict=True, allow_inf_nan=False,
+                                description="drop tokens less likely than min_p x the most likely; 0 is off")
+    include_stop_str_in_output: StrictBool | None = None
+    skip_special_tokens: StrictBool | None = Field(None, description="default true")
+    spaces_between_special_tokens: StrictBool | None = Field(
+        None, description="accepted; as in vLLM's fast-tokenizer detokenizer, it changes nothing")
 
     def processor_kwargs(self) -> dict[str, Any]:
-        return {"presence_penalty": float(self.presence_penalty or 0.0),
+        return {"min_p": float(self.min_p or 0.0),
+                "include_stop_str_in_output": bool(self.include_stop_str_in_output),
+                "skip_special_tokens": self.skip_special_tokens is not False,
+                "presence_penalty": float(self.presence_penalty or 0.0),
                 "frequency_penalty": float(self.frequency_penalty or 0.0),
                 "repetition_penalty": 1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
                 "logit_bias": logit_bias_pairs(self.logit_bias), "min_tokens": self.min_tokens or 0}
@@ -40,9 +51,11 @@ class ProcessorFields(BaseModel):
 class GenerateBody(ProcessorFields):
     """`POST /generate`: FA Pool's own simple route. Give exactly one of prompt or prompt_token_ids."""
 
+    # Titled, so ReDoc and Swagger name the two shapes (not "GenerateBody | GenerateBody").
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-        {"required": ["prompt_token_ids"], "properties": {"prompt_token_ids": {"type": "array"}}}]})
+        {"title": "Text prompt", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"title": "Token ids", "required": ["prompt_token_ids"],
+         "properties": {"prompt_token_ids": {"type": "array", "items": {"type": "integer"}}}}]})
     prompt: Text | None = None
     prompt_token_ids: PromptIds = None
     max_tokens: MaxTokens = 64
@@ -135,12 +148,19 @@ class CompletionBody(OpenAIFields):
     """`POST /v1/completions`. A list of strings or of token-id lists is a batch: one choice each."""
 
     prompt: CompletionPrompt
+    # OpenAI's legacy completions and vLLM stop at 16 by default; null: up to the context limit;
+    # 0 with echo: the prompt alone, with its logprobs (how lm-eval scores a continuation).
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        16, description="default 16; null: up to the context limit; 0 (with echo): score the prompt only")
     logprobs: Logprobs = None  # each token's logprob and this many alternatives
     echo: StrictBool | None = None  # the prompt before the completion (with its logprobs, if asked)
     best_of: StrictInt | None = Field(None, ge=1, le=MAX_N, description="candidates; the n most likely are returned")
     suffix: Annotated[Any, Refused("", fix="leave suffix unset")] = None
 
     def checked(self) -> "CompletionBody":
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 generates nothing; use max_tokens >= 1, or echo: true to score "
+                           "the prompt alone", "invalid_value", "max_tokens")
         if self.best_of is not None and self.best_of < self.num_choices:
             raise APIError(400, f"best_of={self.best_of} is less than n={self.num_choices}; use best_of >= n",
                            "invalid_value", "best_of")
@@ -153,6 +173,12 @@ class CompletionBody(OpenAIFields):
             raise APIError(400, f"{len(self.prompts())} prompts x {name}={self.num_candidates} = {total} requests; "
                            f"send at most {MAX_BATCH_PROMPTS} per call", "invalid_value", name)
         return self
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt and its logprobs, nothing generated (one token is
+        run, as vLLM does, and dropped)."""
+        return self.max_tokens == 0
 
     @property
     def num_candidates(self) -> int:
@@ -220,10 +246,26 @@ class ChatBody(OpenAIFields):
     safety_identifier: StrictStr | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Logprobs = None  # alternatives per token, with logprobs: true
+    # vLLM's chat template controls.
+    add_generation_prompt: StrictBool = Field(True, description="end the prompt with the assistant's turn")
+    continue_final_message: StrictBool = Field(False, description="continue the last (assistant) message "
+                                                                  "instead of starting a new one")
+    chat_template_kwargs: dict[StrictStr, Any] | None = Field(None, description="more variables for the "
+                                                                                 "chat template")
 
     def checked(self) -> "ChatBody":
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:  # as vLLM: the two contradict
+            raise APIError(400, "continue_final_message continues the last message, add_generation_prompt starts "
+                           "a new one; set add_generation_prompt to false", "invalid_value", "continue_final_message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs the last message to be the assistant's",
+                           "invalid_value", "continue_final_message")
+        taken = sorted(set(self.chat_template_kwargs or ()) & RESERVED_TEMPLATE_VARS)
+        if taken:
+            raise APIError(400, f"chat_template_kwargs sets {taken[0]!r}, which the request itself sets; "
+                           "use the request's field", "invalid_value", "chat_template_kwargs")
         return self
 
     def logprob_kwargs(self) -> dict[str, int | None]:

@@ -11,18 +11,19 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from actors.cluster import Cluster, completion_of
+from actors.cluster import Cluster
 from actors.config import ClusterConfig
 from actors.controller import pool_policy_json
-from actors.messages import GenerateRequest, TokenEvent
+from actors.messages import GenerateRequest
 from fapool.config import PRESETS
 from fapool.errors import ErrorType
 from fapool.sampling import SamplingParams
-from fapool.sequence import Completion
+from fapool.sequence import Completion, RequestOutput
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
-from serve.metrics import Metrics, Snapshot
+from serve.metrics import Metrics, Snapshot, prefix_cache_summary
+from serve.sse import gathering
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,12 @@ class ServeLimits:
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
     status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
+    stream_chunks_per_s: float = 1000.0  # `--stream-chunks-per-s`: serve/sse.py's gathering
 
 
 class InferenceService:
-    def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits()) -> None:
+    def __init__(self, cfg: ClusterConfig, limits: ServeLimits = ServeLimits(),
+                 model_names: tuple[str, ...] = ()) -> None:
         self.cfg, self.limits = cfg, limits
         # This replica owns its cluster: `serve shutdown` or a redeploy ends the replica and with
         # it every actor of the cluster, and a redeploy starts one with the new settings.
@@ -53,7 +56,9 @@ class InferenceService:
             self.cluster.generate(None, warm, prompt_token_ids=[1], base=base)
             self.cluster.feed(b)  # the Ray stream that will carry this replica's requests, opened now
         model = cfg.engine.model
-        self.model_name = model if model in PRESETS else model.rstrip("/").split("/")[-1]
+        # The first is the id responses carry; `model` may be any (--served-model-name).
+        self.model_names = model_names or (model if model in PRESETS else model.rstrip("/").split("/")[-1],)
+        self.model_name = self.model_names[0]
         model_cfg = PRESETS[model] if model in PRESETS else load_model_config(model)
         self.tokenizer: Tokenizer = load_tokenizer(model, model_cfg)
         self.metrics = Metrics(lambda: self._snap)
@@ -82,7 +87,7 @@ class InferenceService:
 
     # ---- generation -----------------------------------------------------------------------
     async def open_stream(self, prompt: str | None, prompt_token_ids: list[int] | None,
-                          params: SamplingParams) -> AsyncIterator[TokenEvent]:
+                          params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Start a request and wait for its first event, so refusals surface as HTTP errors
         before any response is sent. Returns the stream, first event included."""
         if self.draining():
@@ -96,7 +101,7 @@ class InferenceService:
         events = self._events(req)
         first = await events.__anext__()
 
-        async def chained() -> AsyncIterator[TokenEvent]:
+        async def chained() -> AsyncIterator[RequestOutput]:
             try:
                 yield first
                 async for ev in events:
@@ -108,9 +113,9 @@ class InferenceService:
 
     async def complete(self, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams) -> Completion:
-        return completion_of([ev async for ev in await self.open_stream(prompt, prompt_token_ids, params)])
+        return Completion.of([ev async for ev in await self.open_stream(prompt, prompt_token_ids, params)])
 
-    async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def _events(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         b = self.cluster.pick_base()
         if b is None:
             raise APIError(503, "no base actor can generate right now (restarting); retry shortly",
@@ -130,7 +135,7 @@ class InferenceService:
                         reason = "error" if ErrorType.of(ev.error_type) is ErrorType.INTERNAL else ""
                         raise _to_api_error(ev)
                     now = time.monotonic()
-                    if ev.token_ids:
+                    if ev.new_token_ids:
                         first_s = first_s or now
                         last_s = now
                     done = ev.finish_reason is not None
@@ -156,7 +161,7 @@ class InferenceService:
                     except Exception:  # noqa: BLE001 - the base is gone
                         pass
 
-    async def _next_event(self, events: asyncio.Queue, t0: float) -> TokenEvent:
+    async def _next_event(self, events: asyncio.Queue, t0: float) -> RequestOutput:
         """The request's next event from its feed, or the error a client should see: 503 when the
         base died (at once) or the server's drain deadline passed, 504 past the request timeout."""
         try:
@@ -235,6 +240,7 @@ class InferenceService:
             "longest_context": st.longest_context if st else 0, "contexts": contexts,
             "requests_running": snap.running, "requests_waiting": snap.waiting,
             "latency": self.metrics.window.summary(),
+            "prefix_cache": prefix_cache_summary(self.cfg.engine.prefix_caching, snap.bases),
             "events": [e.__dict__ for e in (st.events if st else ())][::-1][:100][::-1],
             **pool_policy_json(pol, st),
         }
@@ -249,6 +255,7 @@ _guard_settings: tuple[str | None, int] = (None, ServeLimits().max_body_bytes)
 def set_current(service: InferenceService, api_key: str | None) -> None:
     global _current, _guard_settings
     _current, _guard_settings = service, (api_key, service.limits.max_body_bytes)
+    gathering.set_rate(service.limits.stream_chunks_per_s)
 
 
 def current() -> InferenceService:
@@ -275,7 +282,7 @@ def _app_name() -> str:
         return "local"
 
 
-def _to_api_error(ev: TokenEvent) -> APIError:
+def _to_api_error(ev: RequestOutput) -> APIError:
     kind = ErrorType.of(ev.error_type)
     if kind is ErrorType.OVERLOADED:
         return APIError(429, ev.error or "overloaded", kind.value, headers={"Retry-After": "1"})

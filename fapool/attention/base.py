@@ -102,7 +102,7 @@ class AttentionKernel(ABC):
                       scale: float | None = None) -> Tensor:
         """Queries of several sequences, q (T, Hq, D) flat: sequence i's `plan.q_lens[i]` queries
         are the last rows of its `plan.lengths[i]` rows (already cached), causal. Returns (T, Hq, D)."""
-        return gathered(self, q, k_pages, v_pages, plan, scale, causal=True)[0]
+        return gathered(self.forward, q, k_pages, v_pages, plan, scale, causal=True)[0]
 
     def varlen_plan(self, starts: Sequence[int], lengths: Sequence[int], num_kv_heads: int,
                     device: torch.device) -> VarlenMeta | None:

@@ -14,7 +14,7 @@ sequence's pages into `splits` chunks, each its own row of the kernel's batch, a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from torch import Tensor
 
 from fapool.attention.merge import merge_stacked
 
-if TYPE_CHECKING:
-    from fapool.attention.base import AttentionKernel
+# A kernel's single-sequence attention: (q, k, v, causal=, scale=) -> (out, lse).
+Forward = Callable[..., tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,14 @@ def _rows(plan: PagedPlan, i: int) -> np.ndarray:
     return (pages[:, None] * plan.page_size + np.arange(plan.page_size)).reshape(-1)[:n]
 
 
-def gathered(kernel: "AttentionKernel", q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
+def gathered(forward: Forward, q: Tensor, k_pages: Tensor, v_pages: Tensor, plan: PagedPlan,
              scale: float | None, causal: bool) -> tuple[Tensor, Tensor]:
     """The fallback: each sequence's rows copied out of the pages, then the kernel's `forward`."""
     k_flat, v_flat = k_pages.flatten(0, 1), v_pages.flatten(0, 1)
     outs, lses, lo = [], [], 0
     for i, nq in enumerate(plan.q_lens):
         idx = torch.from_numpy(_rows(plan, i)).to(q.device)
-        o, lse = kernel.forward(q[lo : lo + nq], k_flat[idx], v_flat[idx], causal=causal, scale=scale)
+        o, lse = forward(q[lo : lo + nq], k_flat[idx], v_flat[idx], causal=causal, scale=scale)
         outs.append(o)
         lses.append(lse)
         lo += nq

@@ -10,7 +10,6 @@ sequences while the members work.
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from fapool.attention import AttentionKernel, query_blocks
 from fapool.step_batch import StepBatch
 from fapool.config import ModelConfig
-from fapool.executor import AttentionExecutor, LocalAttention
+from fapool.executor import AttentionExecutor, LocalAttention, Placement
 from fapool.paged_cache import PagedKVCache
 from fapool.policy import PolicyConfig, pool_size
 from fapool.pool.membership import EpochSpec, MemberInfo
@@ -69,7 +68,6 @@ class PooledAttention(AttentionExecutor):
         self._step: PooledStep | None = None
         self._step_pooled = 0
         self._handles = itertools.count(1)
-        self._deferred_since: dict[str, float] = {}
 
     @property
     def threshold(self) -> int:
@@ -140,42 +138,33 @@ class PooledAttention(AttentionExecutor):
         return max(self.local.max_seq_tokens(), self.cache.capacity_tokens + pooled) if pooled \
             else self.local.max_seq_tokens()
 
-    def _plan(self, num_prompt: int, num_tokens: int) -> tuple[list[MemberInfo], list[int]] | None:
-        """Members for parts 1.. and the rows of every part, if they all fit now."""
+    def plan(self, seq_id: str, num_prompt: int, waited_s: float, cached_rows: int = 0) -> Placement | None:
+        """Parts 1.. on the active members where they all fit now (the base keeps part 0, with
+        room for the first generated token), else every row local. None while the pool is growing
+        for this prompt and it has waited less than `pool_wait_s`: rather than run on fewer
+        members, it waits aside (others run meanwhile)."""
+        if cached_rows and num_prompt - cached_rows < self.threshold:
+            # Its prefix is cached on this base and the rest is short: prefill the rest here. A
+            # pooled prompt is prefilled whole (its base share is no prefix), the hit unused.
+            return Placement(num_prompt, num_prompt)
         members = self._spec.active()
-        if num_prompt < self.threshold or not members or self.plane is None:
+        if waited_s < self.pool_wait_s and pool_size(num_prompt, self._capacity, self._policy) > len(members):
             return None
-        blocks = query_blocks(num_prompt, 1 + len(members))
-        rows = [sum(e - s for s, e in b) for b in blocks]
-        if not self.placement.fits(members, rows[1:]):
-            return None
-        if not self.cache.can_allocate(rows[0] + 1):
-            return None
-        return members, rows
+        if num_prompt >= self.threshold and members and self.plane is not None:
+            blocks = query_blocks(num_prompt, 1 + len(members))
+            rows = [sum(e - s for s, e in b) for b in blocks]
+            if self.placement.fits(members, rows[1:]):
+                return Placement(rows[0], rows[0] + 1, (tuple(members), tuple(rows[1:])))
+        return Placement(num_prompt, num_prompt)
 
-    def can_allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> bool:
-        if pool_size(num_prompt, self._capacity, self._policy) > len(self._spec.active()):
-            # The pool is growing for this prompt: wait for it a while rather than run it on fewer.
-            since = self._deferred_since.setdefault(seq_id, time.monotonic())
-            if time.monotonic() - since < self.pool_wait_s:
-                return False
-        return self._plan(num_prompt, num_tokens) is not None or self.cache.can_allocate(num_prompt)
-
-    def allocate(self, seq_id: str, num_prompt: int, num_tokens: int) -> None:
-        self._deferred_since.pop(seq_id, None)
-        plan = self._plan(num_prompt, num_tokens)
-        if plan is None:
-            self.local.allocate(seq_id, num_prompt, num_tokens)
+    def place(self, seq_id: str, placement: Placement) -> None:
+        if placement.shards is None:
             return
-        members, rows = plan
-        self.cache.allocate(seq_id, rows[0])  # the base's own rows; generated tokens add pages
+        members, rows = placement.shards
         handle = next(self._handles)
-        starts = self.placement.place(handle, members, rows[1:])
+        starts = self.placement.place(handle, list(members), list(rows))
         self.pooled[seq_id] = PooledSeq(handle, tuple(starts), starts)
         self._pooled_total += 1
-
-    def grow(self, seq_id: str, num_new: int) -> bool:
-        return self.local.grow(seq_id, num_new)
 
     def prefill_whole(self, seq_id: str) -> bool:
         return seq_id in self.pooled
@@ -183,12 +172,10 @@ class PooledAttention(AttentionExecutor):
     def graph_safe(self, batch: StepBatch) -> bool:
         return not any(s.seq_id in self.pooled for s in batch.slices)
 
-    def kv_usage(self) -> tuple[int, int]:
-        return self.local.kv_usage()
+    def phase_times(self) -> tuple[tuple[str, float], ...]:
+        return self.local.phase_times()
 
-    def free(self, seq_id: str) -> None:
-        self._deferred_since.pop(seq_id, None)
-        self.cache.free(seq_id)
+    def release(self, seq_id: str) -> None:
         p = self.pooled.pop(seq_id, None)
         if p is None:
             return

@@ -1,9 +1,9 @@
 """`POST /generate`: FA Pool's own simple route (JSON or server-sent events)."""
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 
 from serve.openai_format import generate_logprobs
 from serve.openapi import STREAMING
@@ -12,10 +12,16 @@ from serve.service import current
 from serve.sse import sse_response
 
 router = APIRouter()
+# One example per shape: the docs' sample otherwise merges both (prompt and prompt_token_ids).
+EXAMPLES = {
+    "text": {"summary": "Text prompt", "value": {"prompt": "Hello", "max_tokens": 16, "temperature": 0}},
+    "token_ids": {"summary": "Token ids", "value": {"prompt_token_ids": [72, 105], "max_tokens": 8,
+                                                    "stream": True}},
+}
 
 
 @router.post("/generate", responses=STREAMING)
-async def generate(body: GenerateBody):
+async def generate(body: Annotated[GenerateBody, Body(openapi_examples=EXAMPLES)]):
     svc = current()
     params = body.sampling_params()
     if not body.stream:
@@ -27,7 +33,7 @@ async def generate(body: GenerateBody):
 
     async def chunks() -> AsyncIterator[dict]:
         async for ev in events:
-            item = {"text": ev.text, "token_ids": list(ev.token_ids), "finish_reason": ev.finish_reason}
+            item = {"text": ev.text_delta, "token_ids": list(ev.new_token_ids), "finish_reason": ev.finish_reason}
             if ev.finish_reason is not None:
                 item["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
             yield _with_logprobs(item, body, ev.logprobs, ev.prompt_logprobs)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-from importlib import metadata
-
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, model_validator
 
+from serve.cli import version as package_version
 from serve.errors import APIError
 from serve.fields import TokenId, Text
 from serve.routes.openai import check_model
@@ -70,7 +69,4 @@ async def detokenize(body: DetokenizeBody):
 
 @router.get("/version")
 async def version():
-    try:
-        return {"version": metadata.version("fapool")}
-    except metadata.PackageNotFoundError:  # run from a source tree without install
-        return {"version": "0.1.0"}
+    return {"version": package_version()}

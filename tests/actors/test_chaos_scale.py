@@ -24,7 +24,7 @@ def ids_of(n, seed):
 
 def run_request(cluster, req, out, key):
     try:
-        out[key] = [t for ref in cluster.submit(req) for ev in ray.get(ref) for t in ev.token_ids]
+        out[key] = [t for ev in cluster.stream(req) for t in ev.new_token_ids]
     except Exception as e:  # noqa: BLE001 - recorded, asserted on below
         out[key] = e
 

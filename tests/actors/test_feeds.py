@@ -34,9 +34,9 @@ def test_requests_share_a_feed_and_each_gets_its_own_tokens(start_cluster):
         return got
 
     got = asyncio.run(run())
-    assert [tuple(t for ev in evs for t in ev.token_ids) for evs in got] == [tuple(w) for w in want]
+    assert [tuple(t for ev in evs for t in ev.new_token_ids) for evs in got] == [tuple(w) for w in want]
     # One event per step and request: a stream can still send one SSE event per token.
-    assert all(len(ev.token_ids) <= 1 for evs in got for ev in evs)
+    assert all(len(ev.new_token_ids) <= 1 for evs in got for ev in evs)
 
 
 def test_ending_a_feed_aborts_its_requests_on_the_base(start_cluster):

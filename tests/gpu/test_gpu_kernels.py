@@ -59,11 +59,11 @@ def test_cuda_graph_decode_equals_eager(dtype):
     cfg = EngineConfig(model="tiny", device="cuda", dtype=dtype, kv_capacity_tokens=1 << 16, attention_kernel="sdpa")
     eager = LLMEngine(cfg.replace(cuda_graphs=False))
     graphed = LLMEngine(cfg)
-    assert graphed.graphs is not None
+    assert graphed.runner.graphs is not None
     want = [c.token_ids for c in eager.generate(prompts, params)]
     assert [c.token_ids for c in graphed.generate(prompts, params)] == want
     assert [graphed.generate([p], params)[0].token_ids for p in prompts] == want
-    assert graphed.graphs.runs[512] and graphed.graphs.runs[4]  # the prompts' step and the decodes' ran graphed
+    assert graphed.runner.graphs.runs[512] and graphed.runner.graphs.runs[4]  # the prompts' step and the decodes' ran graphed
 
 
 def test_varlen_decode_equals_one_call_per_sequence():

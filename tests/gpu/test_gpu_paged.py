@@ -77,7 +77,7 @@ def test_captured_step_equals_eager_step():
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     got = [c.token_ids for c in graph.generate(prompts, sp)]
     want = [c.token_ids for c in eager.generate(prompts, sp)]
-    assert graph.step_graphs is not None and graph.step_graphs._sets  # the graph path really ran
+    assert graph.runner.step_graphs is not None and graph.runner.step_graphs._sets  # the graph path really ran
     # Split and unsplit KV round differently in bf16: allow a late flip, never an early one.
     for a, b in zip(got, want):
         assert a[:6] == b[:6]
@@ -95,8 +95,8 @@ def test_compiled_step_equals_captured_step():
     engines = [LLMEngine(EngineConfig(**cfg, torch_compile=c)) for c in (False, True)]
     logits: list[list[torch.Tensor]] = [[], []]
     for e, rec in zip(engines, logits):
-        run = e.step_graphs.run
-        e.step_graphs.run = lambda *a, _run=run, _rec=rec: _rec.append(_run(*a).clone()) or _rec[-1]
+        run = e.runner.step_graphs.run
+        e.runner.step_graphs.run = lambda *a, _run=run, _rec=rec: _rec.append(_run(*a).clone()) or _rec[-1]
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(300, 30000, (n,), generator=g).tolist() for n in (5, 700, 3000, 130)]
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -105,3 +105,52 @@ def test_dashboard_follows_the_pool_growing(page, fapool_server, tmp_path):
     assert page.console_errors == []
     foreign = [u for u in page.request_urls if not u.startswith(base + "/") and not u.startswith("data:")]
     assert foreign == [], f"the page reached outside the server: {foreign}"
+
+
+# Every box whose text could be cut: tiles, labels, headings, legends, table cells. A cut is text
+# wider than its box (scrollWidth > clientWidth) or an SVG label past its chart's edges.
+CUT = """() => {
+  const cut = [];
+  for (const el of document.querySelectorAll('.tile .value, .tile .label, h1, h2, .legend span, td, th')) {
+    if (el.scrollWidth > el.clientWidth + 1) cut.push(el.id || el.className || el.tagName);
+  }
+  for (const svg of document.querySelectorAll('svg.chart')) {
+    const w = svg.getBoundingClientRect().width;
+    for (const t of svg.querySelectorAll('text')) {
+      const b = t.getBBox();
+      if (b.x < -1 || b.x + b.width > w + 1) cut.push(svg.id + ': ' + t.textContent);
+    }
+  }
+  return cut;
+}"""
+
+
+def test_a_new_tab_draws_the_servers_history_and_cuts_no_text(browser, fapool_server, tmp_path):
+    """History lives in the ingress (`/pool/history`, the last hour): a tab opened now starts with
+    the samples taken before it. At 1280 and 1920 px no tile, label or chart text is cut."""
+    deadline = 60
+    for _ in range(deadline):
+        hist = httpx.get(f"{fapool_server}/pool/history", timeout=10).json()
+        if len(hist["samples"]) >= 3:
+            break
+        threading.Event().wait(1)
+    assert len(hist["samples"]) >= 3 and hist["window_s"] == 3600
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(f"{fapool_server}/dashboard?interval_ms=60000")  # one live poll: the rest is history
+        page.wait_for_function("window.__fapool && window.__fapool.lastStatus", timeout=WAIT_MS)
+        state = page.evaluate("window.__fapool")
+        assert state["historyLoaded"] >= 3 and len(state["samples"]) >= 3
+        assert state["samples"][0]["t"] <= hist["samples"][0]["t"] + 1e-6
+        for width in (1280, 1920):
+            page.set_viewport_size({"width": width, "height": 900})
+            page.evaluate("window.dispatchEvent(new Event('resize'))")
+            assert page.evaluate(CUT) == [], f"text cut at {width} px"
+            page.screenshot(path=str(tmp_path / f"dashboard-{width}.png"), full_page=True)
+            assert (tmp_path / f"dashboard-{width}.png").stat().st_size > 10_000
+            if os.environ.get("FAPOOL_SCREENSHOT_DIR"):  # to look at them
+                Path(os.environ["FAPOOL_SCREENSHOT_DIR"], f"dashboard-{width}.png").write_bytes(
+                    (tmp_path / f"dashboard-{width}.png").read_bytes())
+    finally:
+        context.close()

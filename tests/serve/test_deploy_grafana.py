@@ -65,11 +65,11 @@ def test_dashboard_series_are_in_the_apps_exposition():
     from prometheus_client import generate_latest
 
     from actors.messages import BaseStats
-    from fapool.stats import EngineCounters
+    from fapool.stats import EngineStats
     from serve.metrics import Metrics, Snapshot
 
     snap = Snapshot()  # one base, holding rows on one pool member: every labelled series present
-    snap.bases = [BaseStats(0, 1, 1, 0, 1, 1, 32, 256, (40,), EngineCounters(2, 16, 16, 0, 40, 3), ((7, 20, 64),))]
+    snap.bases = [BaseStats(0, 1, 1, 0, 1, 1, 32, 256, (40,), EngineStats(2, 16, 16, 0, 40, 3), ((7, 20, 64),))]
     text = generate_latest(Metrics(lambda: snap).registry).decode()
     exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
     queried = {n for e in dashboard_exprs() for n in re.findall(r"\bfapool_[a-z0-9_]+", e)}

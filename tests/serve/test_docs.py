@@ -58,3 +58,28 @@ def test_assets_are_served_from_the_package_and_nothing_else(url):
     missing = httpx.get(url + "/docs/assets/core.py", timeout=30)  # a file of the package, not an asset
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert httpx.get(url + "/docs/assets/..%2Fcore.py", timeout=30).status_code == 404
+
+
+def test_generate_shows_its_two_shapes_with_one_example_each(browser, url):
+    """`/generate` takes a text prompt or token ids: ReDoc names both shapes, and both pages offer
+    one example of each (never a sample holding both fields)."""
+    spec = httpx.get(url + "/openapi.json", timeout=30).json()
+    media = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]
+    examples = {e["summary"]: e["value"] for e in media["examples"].values()}
+    assert set(examples) == {"Text prompt", "Token ids"}
+    assert all(("prompt" in v) != ("prompt_token_ids" in v) for v in examples.values())
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(url + "/redoc")
+        page.wait_for_function("() => document.body.innerText.includes('Text prompt')", timeout=WAIT_MS)
+        text = page.evaluate("() => document.body.innerText")
+        assert "Token ids" in text and "GenerateBody | GenerateBody" not in text
+        page.goto(url + "/docs")
+        page.click("#operations-default-generate_generate_post .opblock-summary", timeout=WAIT_MS)
+        page.wait_for_selector("#operations-default-generate_generate_post select", timeout=WAIT_MS)
+        options = page.evaluate("() => [...document.querySelectorAll("
+                                "'#operations-default-generate_generate_post select option')].map(o => o.textContent)")
+        assert "Text prompt" in options and "Token ids" in options
+    finally:
+        context.close()

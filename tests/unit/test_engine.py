@@ -45,7 +45,7 @@ def test_continuous_batching_matches_each_request_alone(engine):
             rid[engine.add_request(None, params[i], prompt_token_ids=ps[i])] = i
         if not engine.has_unfinished() and step > max(join_at):
             break
-        for out in engine.step():
+        for out in engine.step().outputs:
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
         step += 1
     assert len(got) == 6
@@ -114,28 +114,28 @@ def test_preemption_under_page_pressure_keeps_every_request_exact():
     rids = [engine.add_request(None, sp, prompt_token_ids=p) for p in ps]
     max_running = 0
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in engine.step().outputs:
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        max_running = max(max_running, len(engine.scheduler.running))
-        assert engine.cache.reserved_tokens <= engine.cache.capacity_tokens
+        st = engine.stats()
+        max_running = max(max_running, st.running)
+        assert st.kv_used_tokens <= st.kv_capacity_tokens
     assert max_running >= 2  # pages are taken as sequences grow, not for their whole life
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_preemptions > 0
     assert [tuple(got[r]) for r in rids] == alone
-    assert engine.cache.reserved_tokens == 0
+    assert engine.stats().kv_used_tokens == 0
 
 
 def test_a_request_holds_pages_only_for_the_tokens_it_has():
     engine = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=8192, max_model_len=8192))
     rid = engine.add_request(None, SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True),
                              prompt_token_ids=[5] * 20)
-    for _ in range(10):
-        engine.step()
-    seq = engine.scheduler.find(rid)
-    assert len(seq.output_ids) == 10
-    page = engine.cache.page_size
-    assert engine.cache.reserved_tokens <= 30 + page  # about 30 rows, not 20 + 4096
+    tokens = [t for _ in range(10) for out in engine.step().outputs for t in out.new_token_ids]
+    assert len(tokens) == 10
+    st = engine.stats()
+    assert st.request_ids == (rid,) and st.contexts == (30,)
+    assert st.kv_used_tokens <= 30 + st.kv_page_size  # about 30 rows, not 20 + 4096
     engine.abort(rid)
-    assert engine.cache.reserved_tokens == 0
+    assert engine.stats().kv_used_tokens == 0
 
 
 def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_going():
@@ -147,16 +147,17 @@ def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_going():
     rids = [small.add_request(None, GREEDY, prompt_token_ids=p) for p in ps]
     got: dict[str, list[int]] = {}
     for _ in range(3):
-        for out in small.step():
+        for out in small.step().outputs:
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
     rids.append(small.add_request(None, GREEDY, prompt_token_ids=long_prompt))
     chunk_steps = 0
     while small.has_unfinished():
-        unfinished_short = {r for r in rids[:3] if small.scheduler.find(r) is not None}
-        outs = small.step()
+        unfinished_short = set(rids[:3]) & set(small.stats().request_ids)
+        step = small.step()
+        outs = step.outputs
         for out in outs:
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        batch = small.last_batch
+        batch = step.report.batch
         assert batch.num_tokens <= 64 + len(ps)
         if any(s.seq_id == rids[-1] and s.num_tokens > 1 for s in batch.slices):
             chunk_steps += 1
@@ -202,10 +203,10 @@ def test_bad_sampling_params(kwargs, match):
 def test_abort_frees_kv(engine):
     rid = engine.add_request("abc", SamplingParams(max_tokens=50))
     engine.step()
-    assert engine.cache.reserved_tokens > 0
+    assert engine.stats().kv_used_tokens > 0
     out = engine.abort(rid)
     assert out.finished and out.finish_reason == "abort"
-    assert engine.cache.reserved_tokens == 0 and not engine.has_unfinished()
+    assert engine.stats().kv_used_tokens == 0 and not engine.has_unfinished()
 
 
 def test_recompute_gives_the_same_tokens(engine):
@@ -216,7 +217,7 @@ def test_recompute_gives_the_same_tokens(engine):
     for i in range(40):
         if i == 6:
             engine.recompute([rid])  # as after losing the pool member with its KV
-        for out in engine.step():
+        for out in engine.step().outputs:
             got += out.new_token_ids
         if not engine.has_unfinished():
             break
@@ -233,7 +234,7 @@ def stepped_engine(**kw):
 
 def test_async_decode_gives_the_same_tokens_one_step_late(engine):
     async_engine = stepped_engine()
-    assert async_engine.async_decode is not None
+    assert async_engine.runner.async_decode is not None
     ps = prompts(6, seed=21)
     lengths = [24, 5, 17, 24, 9, 13]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
@@ -243,14 +244,14 @@ def test_async_decode_gives_the_same_tokens_one_step_late(engine):
     while step < 300 and (async_engine.has_unfinished() or step <= max(join_at)):
         for i in join_at.get(step, []):
             rid[async_engine.add_request(None, params[i], prompt_token_ids=ps[i])] = i
-        for out in async_engine.step():
+        for out in async_engine.step().outputs:
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        blind += async_engine.async_decode.inflight is not None
+        blind += async_engine.runner.in_flight
         step += 1
     assert blind > 10  # most decode steps really ran ahead of their tokens
     for r, i in rid.items():
         assert tuple(got[r]) == want[i], f"request {i} differs with async decode"
-    assert async_engine.cache.reserved_tokens == 0
+    assert async_engine.stats().kv_used_tokens == 0
 
 
 def test_async_decode_stops_exactly_and_aborts_in_flight(engine):
@@ -264,13 +265,13 @@ def test_async_decode_stops_exactly_and_aborts_in_flight(engine):
     rid = e.add_request(None, GREEDY, prompt_token_ids=p)
     got = []
     for _ in range(6):
-        got += [t for o in e.step() for t in o.new_token_ids]
-    assert e.async_decode.inflight is not None
+        got += [t for o in e.step().outputs for t in o.new_token_ids]
+    assert e.runner.in_flight
     out = e.abort(rid)
     assert out.finish_reason == "abort"
     while e.has_unfinished():
-        assert not [o for o in e.step() if o.new_token_ids]  # the step in flight is dropped
-    assert got == list(full[: len(got)]) and e.cache.reserved_tokens == 0
+        assert not [o for o in e.step().outputs if o.new_token_ids]  # the step in flight is dropped
+    assert got == list(full[: len(got)]) and e.stats().kv_used_tokens == 0
 
 
 def test_sampled_requests_take_the_synchronous_step_path_with_the_same_tokens(engine):

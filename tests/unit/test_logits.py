@@ -110,17 +110,18 @@ def test_greedy_requests_that_need_logits_keep_off_the_async_path(engine):
     logprobs or a processor must take the synchronous step, and get what the plain engine gives."""
     e = LLMEngine(EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=4096, max_model_len=512))
     e.use_step_graphs(capture=False)
-    assert e.async_decode is not None
+    assert e.runner.async_decode is not None
     params = [greedy(logprobs=2), greedy(presence_penalty=1.5), greedy()]
     want = engine.generate([PROMPT] * 3, params)
     rids = [e.add_request(None, p, prompt_token_ids=PROMPT) for p in params]
     tokens: dict[str, list[int]] = {r: [] for r in rids}
     lps: dict[str, list] = {r: [] for r in rids}
     while e.has_unfinished():
-        for out in e.step():
+        step = e.step()
+        for out in step.outputs:
             tokens[out.request_id] += out.new_token_ids
             lps[out.request_id] += out.logprobs
         # Never a step in flight while a request that needs logits runs.
-        assert e.async_decode.inflight is None or not any(s.params.needs_logits for s in e.scheduler.running)
+        assert not e.runner.in_flight or not set(e.stats().request_ids) & {rids[0], rids[1]}
     assert [tuple(tokens[r]) for r in rids] == [c.token_ids for c in want]
     assert [lp.logprob for lp in lps[rids[0]]] == pytest.approx([lp.logprob for lp in want[0].logprobs], abs=1e-5)

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
+from fapool.executor import LocalAttention
+from fapool.paged_cache import PagedKVCache
 from fapool.step_batch import SeqSlice, StepBatch
 from tests.helpers.checkpoints import make_llama_checkpoint, make_qwen2_checkpoint
 
@@ -39,14 +41,14 @@ def test_prefill_logits_match(pair):
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]  # (T, V)
     seq_id = "logits"
-    engine.executor.allocate(seq_id, len(ids), len(ids))
-    try:
-        engine.executor.begin_step(StepBatch("prefill", (SeqSlice(seq_id, 0, len(ids)),)))
-        hidden = engine.model(torch.tensor(ids), torch.arange(len(ids)), engine.executor)
-        engine.executor.end_step()
-        got = engine.model.logits(hidden)
-    finally:
-        engine.executor.free(seq_id)
+    loaded = engine.loaded  # the model forward alone, over a cache of its own
+    cache = PagedKVCache(loaded.config, 4096, loaded.dtype, loaded.device)
+    executor = LocalAttention(cache, engine.kernel)
+    cache.allocate(seq_id, len(ids))
+    executor.begin_step(StepBatch("prefill", (SeqSlice(seq_id, 0, len(ids)),)))
+    hidden = engine.model(torch.tensor(ids), torch.arange(len(ids)), executor)
+    executor.end_step()
+    got = engine.model.logits(hidden)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

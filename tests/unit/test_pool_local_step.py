@@ -7,6 +7,7 @@ from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.attention import select_kernel
 from fapool.policy import PolicyConfig, PoolCurve
 from fapool.pool.pooled_attention import PooledAttention
+from fapool.step_batch import SeqSlice, StepBatch
 
 ENGINE = EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=4096)
 
@@ -34,10 +35,10 @@ def test_an_all_local_step_plans_only_when_attention_runs():
 
     # A step whose forward never calls attention (what a graph replay is to the executor).
     engine.add_request(None, sp, prompt_token_ids=[3, 4, 5], request_id="r")
-    engine.step()  # the prefill
-    batch, _ = engine.scheduler.schedule()
+    assert engine.step().report.kind == "prefill"
+    batch = StepBatch("decode", (SeqSlice("r", 3, 1),))  # its next step: the first token, in the prompt's page
     before = len(plans)
     ex.begin_step(batch)
     ex.end_step()
     assert len(plans) == before
-    assert engine.cache.get("r").length == batch.slices[0].end  # the step's rows count as cached
+    assert ex.cache.get("r").length == batch.slices[0].end  # the step's rows count as cached

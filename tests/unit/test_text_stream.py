@@ -54,5 +54,5 @@ def test_engine_text_and_deltas_match_whole_decode_with_stop_strings():
                              params=SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,)))
     deltas = []
     while engine.has_unfinished():
-        deltas += [o.text_delta for o in engine.step() if o.request_id == rid]
+        deltas += [o.text_delta for o in engine.step().outputs if o.request_id == rid]
     assert "".join(deltas) == free.text[: free.text.find(stop)]
