@@ -19,7 +19,7 @@ import ray
 from actors.config import ClusterConfig
 from actors.engine_thread import EngineThread
 from actors.messages import BaseStats, GenerateRequest, StepRecord
-from actors.streams import Streams, drain
+from actors.streams import Streams, take_waiting
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
@@ -83,7 +83,7 @@ class BaseActor:
         events, live = self._feed(feed_id)
         try:
             while True:
-                batch = drain(await events.get(), events)
+                batch = take_waiting(await events.get(), events)
                 for ev in batch:
                     if ev.finish_reason is not None:
                         live.discard(ev.request_id)

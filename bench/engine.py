@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.engine", *(argv or sys.argv[1:])])}
     for k, mode in enumerate(args.modes.split(",")):
-        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode != "eager"),
+        # Prefix caching off: the repeated-prompt TTFT below must prefill again (bench/prefix.py
+        # measures the cache).
+        ec = EngineConfig(model=args.preset, device=dev, cuda_graphs=(mode != "eager"), prefix_caching=False,
                           torch_compile=(mode == "compiled"), max_num_seqs=64,
                           max_prefill_tokens=16384, max_model_len=max(longest, 131072 if dev == "cuda" else 4096),
                           kv_capacity_tokens=600_000 if dev == "cuda" else 20_000)

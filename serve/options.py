@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.config import ClusterConfig
-from fapool.config import PRESETS, EngineConfig
+from fapool.config import ATTENTION_KERNELS, PRESETS, EngineConfig
 from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
+    from serve.http_limits import HttpLimits
     from serve.service import ServeLimits
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,6 +57,13 @@ class ClusterOptions(BaseModel):
     pool_wait_s: float = Field(30.0, ge=0, description="how long a long prompt waits for a growing pool")
     torch_compile: bool | None = Field(None, description="fuse each layer's elementwise chains with "
                                                           "torch.compile; default: on CUDA, off on CPU")
+    attention_kernel: str = Field("auto", description="attention kernel of bases and pool members; auto: "
+                                                      "flash4 (Hopper+), flash2 (Ampere), sdpa (CUDA), else reference",
+                                  json_schema_extra={"choices": ATTENTION_KERNELS})
+
+    prefix_caching: bool = Field(EngineConfig.prefix_caching,
+                                 description="reuse the KV pages of a cached prompt prefix (a long document, a "
+                                             "chat history); --no-prefix-caching prefills every prompt whole")
 
     @field_validator("model")
     @classmethod
@@ -76,6 +84,13 @@ class ClusterOptions(BaseModel):
             raise ValueError(f"device={v!r}; use auto, cpu or cuda")
         return v
 
+    @field_validator("attention_kernel")
+    @classmethod
+    def _kernel(cls, v: str) -> str:
+        if v not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={v!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+        return v
+
     @field_validator("pool_curve")
     @classmethod
     def _curve(cls, v: str) -> str:
@@ -86,7 +101,8 @@ class ClusterOptions(BaseModel):
         return ClusterConfig(
             engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens,
                                 torch_compile=self.torch_compile, max_num_seqs=self.max_num_seqs,
-                                max_prefill_tokens=self.max_prefill_tokens),
+                                max_prefill_tokens=self.max_prefill_tokens, attention_kernel=self.attention_kernel,
+                                prefix_caching=self.prefix_caching),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
                                 cooldown_s=self.pool_cooldown_s),
             num_base_actors=self.base_actors,
@@ -108,6 +124,15 @@ class ServeOptions(ClusterOptions):
     max_inflight: int = Field(1024, ge=1, description="requests in flight before HTTP 429")
     request_timeout_s: float = Field(600.0, gt=0, description="a longer request ends with HTTP 504")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="larger request bodies get HTTP 413")
+    stream_chunks_per_s: float = Field(1000.0, gt=0, description="HTTP chunks a second this server's streams "
+                                                                 "send together: each stream gathers its events "
+                                                                 "for streams/rate seconds (at most 0.1)")
+    body_read_timeout_s: float = Field(10.0, gt=0, description="a body that stops arriving this long gets HTTP 408")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="a larger request line plus headers gets HTTP 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must complete within this "
+                                                           "(else HTTP 408 and a close)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(2048, ge=1, description="open connections at most; past it HTTP 503 and a close")
     served_model_name: list[str] | None = Field(
         None, description="the model's names in the API (as vLLM's flag): the first is the id responses carry, "
                           "each is accepted as `model`; default: the preset's name or the directory's basename")
@@ -130,11 +155,17 @@ class ServeOptions(ClusterOptions):
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
 
+    def http_limits(self) -> HttpLimits:
+        from serve.http_limits import HttpLimits
+
+        return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,
+                          keep_alive_s=self.keep_alive_s, max_connections=self.max_connections)
+
     def limits(self) -> ServeLimits:
         from serve.service import ServeLimits
 
         return ServeLimits(max_inflight=self.max_inflight, request_timeout_s=self.request_timeout_s,
-                           max_body_bytes=self.max_body_bytes)
+                           max_body_bytes=self.max_body_bytes, stream_chunks_per_s=self.stream_chunks_per_s)
 
 
 # ---- flags ------------------------------------------------------------------------------------
