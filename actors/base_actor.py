@@ -160,9 +160,12 @@ class BaseActor:
     async def shutdown(self) -> None:
         self._engine.stop()
 
-    async def step_log(self, clear: bool = False) -> list[StepRecord]:
-        """The latest steps' timings (and phases, with profiling on)."""
+    async def step_log(self, clear: bool = False, since_s: float | None = None) -> list[StepRecord]:
+        """The latest steps' timings (and phases, with profiling on); those started after
+        `since_s` (wall clock) when given: the controller's refit reads only what is new."""
         log_ = list(self._engine.steps)
+        if since_s is not None:
+            log_ = [r for r in log_ if r.time_s > since_s]
         if clear:
             self._engine.steps.clear()
         return log_

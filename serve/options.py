@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.config import ClusterConfig
 from fapool.config import ATTENTION_KERNELS, PRESETS, EngineConfig
-from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
+from fapool.policy import DEFAULT_CURVE, MAX_POOL, MODES, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
@@ -39,6 +39,12 @@ class ClusterOptions(BaseModel):
     max_pool: int = Field(MAX_POOL, ge=0, le=MAX_POOL, description="attention pool actors at most (0..32)")
     pool_curve: str = Field(DEFAULT_CURVE, description="pool size by longest context, LEN:SIZE,...")
     pool_cooldown_s: float = Field(30.0, ge=0, description="seconds before the pool shrinks")
+    pool_policy: str | None = Field(None, description="slo: the fewest members whose predicted step meets "
+                                    "--tpot-slo-ms/--ttft-slo-ms; curve: --pool-curve; default: curve when "
+                                    "--pool-curve is not the paper's, else slo", json_schema_extra={"choices": MODES})
+    tpot_slo_ms: float = Field(PolicyConfig.tpot_slo_ms, gt=0, description="target decode step of a base (slo policy)")
+    ttft_slo_ms: float = Field(PolicyConfig.ttft_slo_ms, gt=0, description="target prefill of the longest "
+                                                                           "prompt in flight (slo policy)")
     accelerator_type: str | None = Field(None, description="pin actors to one GPU model, e.g. A100 or H100")
     kv_capacity_tokens: int | None = Field(None, ge=1, description="KV cache per base; None: from free memory")
     member_kv_capacity_tokens: int | None = Field(None, ge=1,
@@ -84,6 +90,13 @@ class ClusterOptions(BaseModel):
             raise ValueError(f"device={v!r}; use auto, cpu or cuda")
         return v
 
+    @field_validator("pool_policy")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is not None and v not in MODES:
+            raise ValueError(f"{v!r}; use one of {', '.join(MODES)}")
+        return v
+
     @field_validator("attention_kernel")
     @classmethod
     def _kernel(cls, v: str) -> str:
@@ -104,7 +117,9 @@ class ClusterOptions(BaseModel):
                                 max_prefill_tokens=self.max_prefill_tokens, attention_kernel=self.attention_kernel,
                                 prefix_caching=self.prefix_caching),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
-                                cooldown_s=self.pool_cooldown_s),
+                                cooldown_s=self.pool_cooldown_s, tpot_slo_ms=self.tpot_slo_ms,
+                                ttft_slo_ms=self.ttft_slo_ms,
+                                mode=self.pool_policy or ("slo" if self.pool_curve == DEFAULT_CURVE else "curve")),
             num_base_actors=self.base_actors,
             accelerator_type=self.accelerator_type,
             member_kv_capacity_tokens=self.member_kv_capacity_tokens,
