@@ -14,7 +14,6 @@ a controller gets `attach(bases)`, a base is announced with `controller.base_rep
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -50,12 +49,9 @@ def dead_for_good(handle: Any) -> bool:
 class Supervisor:
     def __init__(self, cfg: ClusterConfig, name: str, detached: bool = False) -> None:
         self.cfg, self.name, self.detached = cfg, name, detached
-        # FAPOOL_* switches (the attention kernel) set where the cluster is started
-        # reach every actor: the controller hands its runtime_env down to the pool members.
-        env = {k: v for k, v in os.environ.items() if k.startswith("FAPOOL_")}
+        # Every setting reaches the actors in `cfg` (no environment variable is forwarded).
         self._opts: dict[str, Any] = {"namespace": NAMESPACE, "max_restarts": -1, "max_task_retries": 0,
-                                      **({"lifetime": "detached"} if detached else {}),
-                                      **({"runtime_env": {"env_vars": env}} if env else {})}
+                                      **({"lifetime": "detached"} if detached else {})}
         self.controller: Any = None
         self.bases: list[Any] = []
         self.healthy: list[bool] = []  # per base: answered its latest ping

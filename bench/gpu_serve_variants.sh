@@ -21,8 +21,8 @@ for variant in ${VARIANTS:-default proxy}; do
     tuned) flags=(--ingress proxy)
            envs=(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
                  RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 RAY_SERVE_LOG_TO_STDERR=0) ;;
-    # SSE chunks of a stream gathered for 4x shorter (serve/sse.py's CHUNKS_PER_S).
-    chunks4000) envs=(FAPOOL_STREAM_CHUNKS_PER_S=4000) ;;
+    # SSE chunks of a stream gathered for 4x shorter (serve/sse.py's Gathering).
+    chunks4000) flags=(--stream-chunks-per-s 4000) ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
   env "${envs[@]}" python -m serve.cli serve --model "${MODEL:-paper}" --device cuda --port 8000 --max-pool 0 \

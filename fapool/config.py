@@ -188,6 +188,9 @@ LLAMA8B = PAPER.replace(vocab_size=128256, intermediate_size=14336, num_hidden_l
 PRESETS = {"tiny": TINY, "paper": PAPER, "llama8b": LLAMA8B}
 
 
+ATTENTION_KERNELS = ("auto", "reference", "sdpa", "flash4", "flash2")  # fapool.attention.KERNELS, and auto
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What one engine (one base GPU) runs and how much it admits at once."""
@@ -202,7 +205,7 @@ class EngineConfig:
     # chunk a step, so running streams wait at most one chunk's time for their next token.
     max_prefill_tokens: int = 2048
     page_size: int | None = None  # KV rows per page; None: 128 on CUDA (flash-attn-4's tile), 16 on CPU
-    attention_kernel: str = "auto"  # auto | reference | sdpa | flash4 | flash2
+    attention_kernel: str = "auto"  # one of ATTENTION_KERNELS (`--attention-kernel`); fapool/attention/kernels.py
     async_scheduling: bool = True  # launch a captured decode step before reading the previous one's tokens
     cuda_graphs: bool = True  # replay decode steps' non-attention work as CUDA graphs (CUDA only)
     # Fuse each layer's elementwise chains with torch.compile (fapool/model/ops.py). None: on CUDA,
@@ -210,6 +213,9 @@ class EngineConfig:
     # (bench.engine); off on CPU, where compiling costs more than launches do.
     torch_compile: bool | None = None
     seed: int = 0  # weights of the random presets
+    # Automatic prefix caching (fapool/prefix_cache.py): a prompt starts after the longest prefix
+    # whose full KV pages the cache holds (`--no-prefix-caching` turns it off).
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

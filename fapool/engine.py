@@ -46,7 +46,8 @@ class LLMEngine:
         # The arena takes its share up front: leave room for a long prefill's activations.
         capacity = config.kv_capacity_tokens or capacity_from_memory(cfg, self.loaded.dtype, dev, 0.75)
         page = config.page_size or (128 if dev.type == "cuda" else 16)
-        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len)
+        self.cache = PagedKVCache(cfg, capacity, self.loaded.dtype, dev, page, self.max_model_len,
+                                  config.prefix_caching)
         if executor_factory is None:
             kernel = select_kernel(dev, config.attention_kernel, dtype=self.loaded.dtype)
             self.executor: AttentionExecutor = LocalAttention(self.cache, kernel)
@@ -132,12 +133,13 @@ class LLMEngine:
             self.scheduler.preempt(seq)
 
     def stats(self) -> EngineStats:
-        c, sch = self.cache, self.scheduler
+        c, sch, p = self.cache, self.scheduler, self.cache.prefix
         seqs = (*sch.running, *sch.waiting)
         return EngineStats(c.num_pages - 1 - c.free_pages, c.num_pages - 1, c.page_size, sch.num_preemptions,
                            self.num_prefill_tokens, self.num_decode_tokens, len(sch.running), len(sch.waiting),
                            c.reserved_tokens, c.capacity_tokens, tuple(s.length for s in seqs),
-                           tuple(s.request_id for s in seqs))
+                           tuple(s.request_id for s in seqs), prefix_queries=p.queries if p else 0,
+                           prefix_hits=p.hits if p else 0, prefix_cached_tokens=c.cached_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self.runner.in_flight or bool(self._spill)
@@ -169,6 +171,8 @@ class LLMEngine:
         if sampled is None:  # it cannot follow the decode in flight: settle, schedule it again next call
             return EngineStep(self._postprocess(runner.settle()))
         report = self._report(scheduled, runner.launched_s - t0)
+        if scheduled.batch.kind == "prefill":  # prompt pages it filled, for the prefix cache
+            self.scheduler.publish(scheduled.seqs)
         return EngineStep(self._postprocess(sampled), report)
 
     def _report(self, scheduled: ScheduledStep, launch_s: float) -> StepReport:
@@ -207,6 +211,7 @@ class LLMEngine:
             while any(self.scheduler.find(r) is not None for r in rids) or self.has_unfinished():
                 self.step()
         self.scheduler.num_preemptions = self.num_prefill_tokens = self.num_decode_tokens = 0
+        self.cache.reset_prefix()  # warm-up's prompts are no user's prefix
 
     def generate(
         self, prompts: Seq[str] | Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams()

@@ -57,10 +57,11 @@ class AttentionExecutor(ABC):
     def max_seq_tokens(self) -> int:
         """The longest sequence (prompt + max_tokens) this executor could ever hold."""
 
-    def plan(self, seq_id: str, num_prompt: int, waited_s: float) -> Placement | None:
+    def plan(self, seq_id: str, num_prompt: int, waited_s: float, cached_rows: int = 0) -> Placement | None:
         """Where a sequence of `num_prompt` rows would go if it started now, having been held back
-        for `waited_s` seconds; None: hold it back (a pool is growing for it), others may start.
-        Changes nothing."""
+        for `waited_s` seconds, its first `cached_rows` found in the prefix cache (a local
+        placement's pages would start with them); None: hold it back (a pool is growing for it),
+        others may start. Changes nothing."""
         return Placement(num_prompt, num_prompt)
 
     def place(self, seq_id: str, placement: Placement) -> None:

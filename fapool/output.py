@@ -75,6 +75,7 @@ class OutputProcessor:
             logprobs=logprobs,
             prompt_logprobs=self._prompt_logprobs(seq) if new_ids else None,
             queue_s=seq.scheduled_s - seq.arrival_s if finished and seq.scheduled_s is not None else None,
+            cached_tokens=seq.cached_tokens,
         )
 
     @staticmethod
@@ -97,4 +98,5 @@ class OutputProcessor:
             completion_tokens=len(seq.output_ids),
             logprobs=tuple(seq.output_logprobs),
             prompt_logprobs=(None, *seq.prompt_lps) if seq.params.prompt_logprobs is not None else None,
+            cached_tokens=seq.cached_tokens,
         )

@@ -29,6 +29,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_cached: int = 0  # tokens whose K, V are stored
+    cached_tokens: int = 0  # of its prompt, rows found in the prefix cache at its first admission
     text: str = ""  # decoded output, cut at a stop string
     sent_text_len: int = 0  # characters already reported
     finish_reason: str | None = None
@@ -45,6 +46,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host has (not those still on the device)."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def max_length(self) -> int:
@@ -78,6 +84,7 @@ class RequestOutput:
     # With params.prompt_logprobs, once (with the first token): None for the first prompt token.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     queue_s: float | None = None  # once finished: seconds from arrival to first admission
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage's cached_tokens)
     error_type: ErrorType | None = None  # with `error`: fix, retry or report it (None: internal)
 
     @classmethod
@@ -98,6 +105,7 @@ class Completion:
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     @classmethod
     def of(cls, outputs: list[RequestOutput]) -> "Completion":
@@ -107,4 +115,5 @@ class Completion:
         prompt_lps = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
         return cls(last.request_id, "".join(o.text_delta for o in outputs),
                    tuple(t for o in outputs for t in o.new_token_ids), last.finish_reason, last.prompt_tokens,
-                   last.completion_tokens, tuple(lp for o in outputs for lp in o.logprobs), prompt_lps)
+                   last.completion_tokens, tuple(lp for o in outputs for lp in o.logprobs), prompt_lps,
+                   last.cached_tokens)

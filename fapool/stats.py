@@ -25,6 +25,9 @@ class EngineStats:
     kv_capacity_tokens: int = 0
     contexts: tuple[int, ...] = ()  # tokens of each request in flight, running then waiting
     request_ids: tuple[str, ...] = ()  # the same requests' ids
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of them, tokens found cached (their prefill skipped)
+    prefix_cached_tokens: int = 0  # rows of published pages now (in use or idle)
 
 
 @dataclass(frozen=True)

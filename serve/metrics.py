@@ -40,10 +40,16 @@ OPERATOR_METRICS = {
     "fapool_preemptions_total": "counter",  # {base}
     "fapool_prefill_tokens_total": "counter",  # {base}: prompt rows computed (recompute included)
     "fapool_decode_tokens_total": "counter",  # {base}
+    # As vllm:prefix_cache_queries / vllm:prefix_cache_hits, in tokens: hits / queries is the hit rate.
+    "fapool_prefix_cache_queries_total": "counter",  # {base}: prompt tokens looked up
+    "fapool_prefix_cache_hits_total": "counter",  # {base}: of them, found cached (prefill skipped)
+    "fapool_prefix_cache_tokens": "gauge",  # {base}: rows of cached (published) pages, in use or idle
     "fapool_requests_finished_total": "counter",  # {reason}: stop, length, abort, error
     "fapool_request_queue_time_seconds": "histogram",
     "fapool_request_prompt_tokens": "histogram",
     "fapool_request_generation_tokens": "histogram",
+    "fapool_pool_pending": "gauge",  # members the policy wants that the cluster cannot place yet
+    "fapool_cost_fit_error": "gauge",  # {kind}: the SLO policy's cost fit, median |predicted/measured - 1|
 }
 FINISH_REASONS = ("stop", "length", "abort", "error")
 disable_created_metrics()  # the *_created series only clutter the exposition
@@ -76,11 +82,33 @@ class _PoolCollector:
         for direction in ("up", "down"):
             events.add_metric([direction], snap.scale_counts.get(direction, 0))
         yield events
+        yield GaugeMetricFamily("fapool_pool_pending", "Pool members wanted but not placed yet",
+                                value=st.pending if st else 0)
+        fit_error = GaugeMetricFamily("fapool_cost_fit_error", "Median relative error of the step-time fit "
+                                      "over the steps it was fitted on", labels=["kind"])
+        for kind in ("decode", "prefill"):  # NaN until the fit has steps of the kind
+            err = getattr(st.fit, f"{kind}_error") if st and st.fit else None
+            fit_error.add_metric([kind], float("nan") if err is None else err)
+        yield fit_error
         yield GaugeMetricFamily("fapool_requests_running", "Requests in running batches", value=snap.running)
         yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
         # A base keeps its share of a member until it hears the member left: only members in the
         # pool now have series, so a drained member's go away at the next scrape.
         yield from _engine_metrics(snap.bases, set(snap.status.members) if snap.status else set())
+
+
+PREFIX_CACHE_HOLDS = ("full KV pages of earlier prompts and outputs on each base, keyed by their tokens; "
+                      "idle pages are evicted least recently used first when pages run out; a pooled "
+                      "prompt leaves a full copy on its base, its shards on the members are freed")
+
+
+def prefix_cache_summary(enabled: bool, bases: list[BaseStats]) -> dict:
+    """What `/pool` says of the prefix cache: what it holds, and its totals over the bases."""
+    queries = sum(b.engine.prefix_queries for b in bases)
+    hits = sum(b.engine.prefix_hits for b in bases)
+    return {"enabled": enabled, "holds": PREFIX_CACHE_HOLDS if enabled else "nothing (--no-prefix-caching)",
+            "cached_tokens": sum(b.engine.prefix_cached_tokens for b in bases),
+            "queries_tokens": queries, "hits_tokens": hits, "hit_rate": hits / queries if queries else 0.0}
 
 
 def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metric]:
@@ -93,6 +121,9 @@ def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metri
     preempt = family(CounterMetricFamily, "fapool_preemptions", "Sequences preempted (recomputed) for want of pages")
     prefill = family(CounterMetricFamily, "fapool_prefill_tokens", "Prompt rows computed (recomputation included)")
     decode = family(CounterMetricFamily, "fapool_decode_tokens", "Decode rows computed")
+    queries = family(CounterMetricFamily, "fapool_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+    hits = family(CounterMetricFamily, "fapool_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+    cached = family(GaugeMetricFamily, "fapool_prefix_cache_tokens", "KV rows the prefix cache holds (in use or idle)")
     member_used: dict[int, int] = {}
     member_total: dict[int, int] = {}
     for b in bases:
@@ -103,6 +134,9 @@ def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metri
         preempt.add_metric(label, e.num_preemptions)
         prefill.add_metric(label, e.num_prefill_tokens)
         decode.add_metric(label, e.num_decode_tokens)
+        queries.add_metric(label, e.prefix_queries)
+        hits.add_metric(label, e.prefix_hits)
+        cached.add_metric(label, e.prefix_cached_tokens)
         for mid, rows, share in (m for m in b.members_kv if m[0] in members):  # a share of each member's arena
             member_used[mid] = member_used.get(mid, 0) + rows
             member_total[mid] = member_total.get(mid, 0) + share
@@ -111,7 +145,7 @@ def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metri
     for mid in sorted(member_used):
         m_used.add_metric([str(mid)], member_used[mid])
         m_total.add_metric([str(mid)], member_total[mid])
-    yield from (used, total, ratio, preempt, prefill, decode, m_used, m_total)
+    yield from (used, total, ratio, preempt, prefill, decode, queries, hits, cached, m_used, m_total)
 
 
 class Metrics:

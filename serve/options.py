@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.config import ClusterConfig
-from fapool.config import PRESETS, EngineConfig
-from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
+from fapool.config import ATTENTION_KERNELS, PRESETS, EngineConfig
+from fapool.policy import DEFAULT_CURVE, MAX_POOL, MODES, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
@@ -39,6 +39,12 @@ class ClusterOptions(BaseModel):
     max_pool: int = Field(MAX_POOL, ge=0, le=MAX_POOL, description="attention pool actors at most (0..32)")
     pool_curve: str = Field(DEFAULT_CURVE, description="pool size by longest context, LEN:SIZE,...")
     pool_cooldown_s: float = Field(30.0, ge=0, description="seconds before the pool shrinks")
+    pool_policy: str | None = Field(None, description="slo: the fewest members whose predicted step meets "
+                                    "--tpot-slo-ms/--ttft-slo-ms; curve: --pool-curve; default: curve when "
+                                    "--pool-curve is not the paper's, else slo", json_schema_extra={"choices": MODES})
+    tpot_slo_ms: float = Field(PolicyConfig.tpot_slo_ms, gt=0, description="target decode step of a base (slo policy)")
+    ttft_slo_ms: float = Field(PolicyConfig.ttft_slo_ms, gt=0, description="target prefill of the longest "
+                                                                           "prompt in flight (slo policy)")
     accelerator_type: str | None = Field(None, description="pin actors to one GPU model, e.g. A100 or H100")
     kv_capacity_tokens: int | None = Field(None, ge=1, description="KV cache per base; None: from free memory")
     member_kv_capacity_tokens: int | None = Field(None, ge=1,
@@ -57,6 +63,13 @@ class ClusterOptions(BaseModel):
     pool_wait_s: float = Field(30.0, ge=0, description="how long a long prompt waits for a growing pool")
     torch_compile: bool | None = Field(None, description="fuse each layer's elementwise chains with "
                                                           "torch.compile; default: on CUDA, off on CPU")
+    attention_kernel: str = Field("auto", description="attention kernel of bases and pool members; auto: "
+                                                      "flash4 (Hopper+), flash2 (Ampere), sdpa (CUDA), else reference",
+                                  json_schema_extra={"choices": ATTENTION_KERNELS})
+
+    prefix_caching: bool = Field(EngineConfig.prefix_caching,
+                                 description="reuse the KV pages of a cached prompt prefix (a long document, a "
+                                             "chat history); --no-prefix-caching prefills every prompt whole")
 
     @field_validator("model")
     @classmethod
@@ -77,6 +90,20 @@ class ClusterOptions(BaseModel):
             raise ValueError(f"device={v!r}; use auto, cpu or cuda")
         return v
 
+    @field_validator("pool_policy")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is not None and v not in MODES:
+            raise ValueError(f"{v!r}; use one of {', '.join(MODES)}")
+        return v
+
+    @field_validator("attention_kernel")
+    @classmethod
+    def _kernel(cls, v: str) -> str:
+        if v not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={v!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+        return v
+
     @field_validator("pool_curve")
     @classmethod
     def _curve(cls, v: str) -> str:
@@ -87,9 +114,12 @@ class ClusterOptions(BaseModel):
         return ClusterConfig(
             engine=EngineConfig(model=self.model, device=self.device, kv_capacity_tokens=self.kv_capacity_tokens,
                                 torch_compile=self.torch_compile, max_num_seqs=self.max_num_seqs,
-                                max_prefill_tokens=self.max_prefill_tokens),
+                                max_prefill_tokens=self.max_prefill_tokens, attention_kernel=self.attention_kernel,
+                                prefix_caching=self.prefix_caching),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
-                                cooldown_s=self.pool_cooldown_s),
+                                cooldown_s=self.pool_cooldown_s, tpot_slo_ms=self.tpot_slo_ms,
+                                ttft_slo_ms=self.ttft_slo_ms,
+                                mode=self.pool_policy or ("slo" if self.pool_curve == DEFAULT_CURVE else "curve")),
             num_base_actors=self.base_actors,
             accelerator_type=self.accelerator_type,
             member_kv_capacity_tokens=self.member_kv_capacity_tokens,
@@ -109,6 +139,9 @@ class ServeOptions(ClusterOptions):
     max_inflight: int = Field(1024, ge=1, description="requests in flight before HTTP 429")
     request_timeout_s: float = Field(600.0, gt=0, description="a longer request ends with HTTP 504")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="larger request bodies get HTTP 413")
+    stream_chunks_per_s: float = Field(1000.0, gt=0, description="HTTP chunks a second this server's streams "
+                                                                 "send together: each stream gathers its events "
+                                                                 "for streams/rate seconds (at most 0.1)")
     body_read_timeout_s: float = Field(10.0, gt=0, description="a body that stops arriving this long gets HTTP 408")
     max_header_bytes: int = Field(64 << 10, ge=1024, description="a larger request line plus headers gets HTTP 431")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must complete within this "
@@ -147,7 +180,7 @@ class ServeOptions(ClusterOptions):
         from serve.service import ServeLimits
 
         return ServeLimits(max_inflight=self.max_inflight, request_timeout_s=self.request_timeout_s,
-                           max_body_bytes=self.max_body_bytes)
+                           max_body_bytes=self.max_body_bytes, stream_chunks_per_s=self.stream_chunks_per_s)
 
 
 # ---- flags ------------------------------------------------------------------------------------

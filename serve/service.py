@@ -13,6 +13,7 @@ import ray
 
 from actors.cluster import Cluster
 from actors.config import ClusterConfig
+from actors.controller import pool_policy_json
 from actors.messages import GenerateRequest
 from fapool.config import PRESETS
 from fapool.errors import ErrorType
@@ -21,7 +22,8 @@ from fapool.sequence import Completion, RequestOutput
 from fapool.tokenizer import Tokenizer, load_tokenizer
 from fapool.weights import load_model_config
 from serve.errors import APIError
-from serve.metrics import Metrics, Snapshot
+from serve.metrics import Metrics, Snapshot, prefix_cache_summary
+from serve.sse import gathering
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class ServeLimits:
     max_body_bytes: int = 8 << 20
     snapshot_max_age_s: float = 0.5
     status_timeout_s: float = 1.5  # `/pool` and `/metrics` answer from the last snapshot after this
+    stream_chunks_per_s: float = 1000.0  # `--stream-chunks-per-s`: serve/sse.py's gathering
 
 
 class InferenceService:
@@ -237,7 +240,9 @@ class InferenceService:
             "longest_context": st.longest_context if st else 0, "contexts": contexts,
             "requests_running": snap.running, "requests_waiting": snap.waiting,
             "latency": self.metrics.window.summary(),
+            "prefix_cache": prefix_cache_summary(self.cfg.engine.prefix_caching, snap.bases),
             "events": [e.__dict__ for e in (st.events if st else ())][::-1][:100][::-1],
+            **pool_policy_json(pol, st),
         }
 
 
@@ -250,6 +255,7 @@ _guard_settings: tuple[str | None, int] = (None, ServeLimits().max_body_bytes)
 def set_current(service: InferenceService, api_key: str | None) -> None:
     global _current, _guard_settings
     _current, _guard_settings = service, (api_key, service.limits.max_body_bytes)
+    gathering.set_rate(service.limits.stream_chunks_per_s)
 
 
 def current() -> InferenceService:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
@@ -19,30 +18,31 @@ def sse(obj: object) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _rate(name: str, default: str) -> float:
-    text = os.environ.get(name, default)
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = 0.0
-    if not rate > 0:
-        raise ValueError(f"{name}={text!r}; set a positive number of chunks a second (default {default})")
-    return rate
+class Gathering:
+    """How long a stream gathers events before its next HTTP chunk. Serve's hop from a replica to
+    its HTTP proxy costs about the same per HTTP chunk whatever the chunk carries: one chunk per
+    token caps a replica near 2,500 tokens/s in all (measured on the H200 host behind the proxy,
+    issue 9; with direct ingress, `fapool serve`'s default, not re-measured). So the streams of this
+    process together send at most about `chunks_per_s` chunks a second (`--stream-chunks-per-s`):
+    alone, a stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once."""
+
+    MAX_INTERVAL_S = 0.1
+
+    def __init__(self, chunks_per_s: float = 1000.0) -> None:
+        self.set_rate(chunks_per_s)
+        self.open_streams = 0
+
+    def set_rate(self, chunks_per_s: float) -> None:
+        if not chunks_per_s > 0:
+            raise ValueError(f"stream_chunks_per_s={chunks_per_s!r}; set a positive number of chunks a second "
+                             "(default 1000)")
+        self.chunks_per_s = float(chunks_per_s)
+
+    def interval_s(self) -> float:
+        return min(self.open_streams / self.chunks_per_s, self.MAX_INTERVAL_S)
 
 
-# Serve's hop from a replica to its HTTP proxy costs about the same per HTTP chunk whatever the
-# chunk carries: one chunk per token caps a replica near 2,500 tokens/s in all (measured on the H200
-# host behind the proxy, issue 9; with direct ingress, `fapool serve`'s default, not re-measured).
-# So the streams of this process together send at most about CHUNKS_PER_S chunks a second: alone, a
-# stream sends every token as it comes; at 64 streams, its tokens of ~64 ms at once.
-CHUNKS_PER_S = _rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000")
-MAX_CHUNK_INTERVAL_S = 0.1
-_open_streams = 0
-
-
-def chunk_interval_s() -> float:
-    """How long a stream gathers events before its next HTTP chunk, given the streams open here."""
-    return min(_open_streams / CHUNKS_PER_S, MAX_CHUNK_INTERVAL_S)
+gathering = Gathering()  # this process's streams (the replica's), set from ServeLimits by set_current
 
 
 class _SSEResponse(StreamingResponse):
@@ -79,14 +79,13 @@ def sse_response(chunks: AsyncIterator[dict], streams: Iterable[AsyncIterator] =
     """Events ending with `data: [DONE]`. Once the stream has started (the status line is gone) any
     error arrives as an OpenAI-shaped error event before `[DONE]`: a stream never just stops.
     Still one SSE event per token, but several events per HTTP chunk: the first event and the last
-    go out at once, the others gathered for `chunk_interval_s()`. `streams`: the request streams
+    go out at once, the others gathered for `gathering.interval_s()`. `streams`: the request streams
     `chunks` reads, closed (their requests aborted if unfinished) when the response ends."""
 
     async def stream() -> AsyncIterator[str]:
-        global _open_streams
-        _open_streams += 1
+        gathering.open_streams += 1
         try:
-            async with aclosing(_groups(chunks, chunk_interval_s)) as groups:
+            async with aclosing(_groups(chunks, gathering.interval_s)) as groups:
                 async for group in groups:  # a group before an error still comes whole
                     yield "".join(sse(c) for c in group)
         except APIError as e:
@@ -94,7 +93,7 @@ def sse_response(chunks: AsyncIterator[dict], streams: Iterable[AsyncIterator] =
         except Exception as e:  # noqa: BLE001 - logged with the request id, reported as an event
             yield sse(internal_error("stream", e))
         finally:
-            _open_streams -= 1
+            gathering.open_streams -= 1
         yield "data: [DONE]\n\n"
 
     return _SSEResponse(stream(), streams, media_type="text/event-stream",

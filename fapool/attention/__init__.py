@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fapool.attention.base import AttentionKernel
 from fapool.attention.kernels import (
-    KERNEL_ENV_VAR,
     KERNELS,
     FlashAttn2Kernel,
     FlashAttn4Kernel,
@@ -25,7 +24,6 @@ from fapool.attention.split import (
 )
 
 __all__ = [
-    "KERNEL_ENV_VAR",
     "KERNELS",
     "AttentionKernel",
     "FlashAttn2Kernel",

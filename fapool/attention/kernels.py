@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -12,7 +11,6 @@ from fapool.attention.reference import ReferenceKernel
 from fapool.attention.sdpa import SdpaCudnnKernel
 
 __all__ = [
-    "KERNEL_ENV_VAR",
     "KERNELS",
     "AttentionKernel",
     "FlashAttn2Kernel",
@@ -22,8 +20,6 @@ __all__ = [
     "available_kernels",
     "select_kernel",
 ]
-
-KERNEL_ENV_VAR = "FAPOOL_ATTENTION_KERNEL"
 
 KERNELS: dict[str, type[AttentionKernel]] = {
     cls.name: cls for cls in (ReferenceKernel, SdpaCudnnKernel, FlashAttn4Kernel, FlashAttn2Kernel)
@@ -42,7 +38,7 @@ def select_kernel(
 ) -> AttentionKernel:
     """A kernel for ``device``: ``name`` is "auto" or one of :data:`KERNELS`.
 
-    "auto" (overridden by the environment variable ``FAPOOL_ATTENTION_KERNEL`` when set) picks
+    "auto" (`EngineConfig.attention_kernel`, `--attention-kernel`) picks
     flash4 on compute capability >= 9, flash2 on capability 8, when installed; otherwise sdpa
     on CUDA and reference elsewhere. Flash kernels take only fp16/bf16, so with
     ``dtype=torch.float32`` "auto" skips them and naming one is an error. A named kernel that
@@ -50,13 +46,10 @@ def select_kernel(
     """
     device = torch.device(device)
     if name == "auto":
-        name = os.environ.get(KERNEL_ENV_VAR, "").strip() or "auto"
-    if name == "auto":
         return _auto(device, dtype)
     if name not in KERNELS:
         raise ValueError(
-            f"unknown attention kernel {name!r}; choose one of {['auto', *KERNELS]} "
-            f"(also checked: ${KERNEL_ENV_VAR})"
+            f"unknown attention kernel {name!r}; choose one of {['auto', *KERNELS]}"
         )
     reason = KERNELS[name].unavailable_reason(device)
     if reason is None and name in FLASH_NAMES and dtype is not None and dtype not in HALF_DTYPES:

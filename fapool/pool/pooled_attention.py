@@ -138,11 +138,15 @@ class PooledAttention(AttentionExecutor):
         return max(self.local.max_seq_tokens(), self.cache.capacity_tokens + pooled) if pooled \
             else self.local.max_seq_tokens()
 
-    def plan(self, seq_id: str, num_prompt: int, waited_s: float) -> Placement | None:
+    def plan(self, seq_id: str, num_prompt: int, waited_s: float, cached_rows: int = 0) -> Placement | None:
         """Parts 1.. on the active members where they all fit now (the base keeps part 0, with
         room for the first generated token), else every row local. None while the pool is growing
         for this prompt and it has waited less than `pool_wait_s`: rather than run on fewer
         members, it waits aside (others run meanwhile)."""
+        if cached_rows and num_prompt - cached_rows < self.threshold:
+            # Its prefix is cached on this base and the rest is short: prefill the rest here. A
+            # pooled prompt is prefilled whole (its base share is no prefix), the hit unused.
+            return Placement(num_prompt, num_prompt)
         members = self._spec.active()
         if waited_s < self.pool_wait_s and pool_size(num_prompt, self._capacity, self._policy) > len(members):
             return None

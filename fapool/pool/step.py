@@ -95,6 +95,10 @@ def plan_step(batch: StepBatch, pooled: dict[str, PooledSeq], spec: EpochSpec, l
     # Where the base's own rows of each pooled prompt go: its blocks, in order.
     toks = [offs[i] + t for i, it in zip(pooled_idx, items) for s, e in it.ranges_of(0) for t in range(s, e)]
     slots = [cache.slots(sid, 0, rows_of([it], 0)) for sid, it in zip(ids, items)]
+    for i, sid in zip(pooled_idx, ids):  # and the full copy of its prompt's pages, for the prefix cache
+        rows, shadow = cache.shadow_rows(sid)
+        toks += (offs[i] + rows).tolist()
+        slots.append(shadow)
     parts = PrefillParts(items, torch.tensor(toks, dtype=torch.long).to(dev),
                          torch.from_numpy(np.concatenate(slots)).to(dev))
     return replace(step, prefill=parts)

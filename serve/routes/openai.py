@@ -69,9 +69,11 @@ def choice(i: int, finish: str | None, logprobs: dict | None, **content) -> dict
     return {"index": i, **content, "logprobs": logprobs, "finish_reason": finish}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens whose prefill the base's prefix cache skipped."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 async def room(svc, max_tokens: int | None, text: str | None, ids: list[int] | None) -> tuple[list[int], int]:
@@ -138,10 +140,11 @@ async def completions(body: CompletionBody):
     if not body.stream:
         runs = await gather_or_cancel(*(svc.complete(t, ids, p) for t, ids, _, params in jobs
                                         for p in choice_params(params, body.num_candidates)))
-        choices, totals, k = [], [0, 0], body.num_candidates
+        choices, totals, k = [], [0, 0, 0], body.num_candidates
         for j, (_, ids, echo, _) in enumerate(jobs):
             chosen = best(runs[j * k : (j + 1) * k], n)
             totals[0] += chosen[0].prompt_tokens
+            totals[2] += chosen[0].cached_tokens
             totals[1] += sum(r.completion_tokens for r in chosen)
             for c, r in enumerate(chosen):
                 lp = None
@@ -158,7 +161,7 @@ async def completions(body: CompletionBody):
                                        for p in choice_params(params, n)))
 
     async def chunks() -> AsyncIterator[dict]:
-        totals = [0, 0]
+        totals = [0, 0, 0]
         logprobs = [CompletionLogprobs(svc.tokenizer) for _ in streams]
         started = [False] * len(streams)
         async with aclosing(merge(streams)) as merged:  # closed with chunks(): its pumps stop
@@ -166,7 +169,7 @@ async def completions(body: CompletionBody):
                 _, ids, echo, _ = jobs[i // n]
                 text, entries = ev.text_delta, output_entries(ev.new_token_ids, ev.logprobs)
                 if only:
-                    text, entries, ev = "", [], replace(ev, completion_tokens=0,
+                    text, entries, ev = "", [], replace(ev, new_token_ids=(), logprobs=(), completion_tokens=0,
                                                         finish_reason=ev.finish_reason and "length")
                 if not started[i] and (ev.new_token_ids or ev.finish_reason):
                     started[i] = True
@@ -200,12 +203,12 @@ async def chat_completions(body: ChatBody):
         runs = await gather_or_cancel(*(svc.complete(None, ids, p) for p in every))
         return env.wrap([choice(i, r.finish_reason, logprobs(r.logprobs),
                                 message={"role": "assistant", "content": r.text}) for i, r in enumerate(runs)],
-                        usage(runs[0].prompt_tokens, sum(r.completion_tokens for r in runs)))
+                        usage(runs[0].prompt_tokens, sum(r.completion_tokens for r in runs), runs[0].cached_tokens))
     streams = await gather_or_cancel(*(svc.open_stream(None, ids, p) for p in every))
     env = replace(env, object="chat.completion.chunk", include_usage=body.include_usage)
 
     async def chunks() -> AsyncIterator[dict]:
-        totals = [0, 0]
+        totals = [0, 0, 0]
         for i in range(len(streams)):
             yield env.wrap([choice(i, None, None, delta={"role": "assistant", "content": ""})])
         async with aclosing(merge(streams)) as merged:  # closed with chunks(): its pumps stop
@@ -244,3 +247,4 @@ def _count(totals: list[int], ev: RequestOutput, count_prompt: bool) -> None:
     if ev.finish_reason is not None:
         totals[0] += ev.prompt_tokens if count_prompt else 0
         totals[1] += ev.completion_tokens
+        totals[2] += ev.cached_tokens if count_prompt else 0

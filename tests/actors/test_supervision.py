@@ -126,7 +126,7 @@ def test_a_killed_controller_keeps_the_bases_and_comes_back(start_cluster, refer
     ray.kill(old, no_restart=False)  # a crash: Ray restarts it, the supervisor re-attaches the bases
     t.join(timeout=300)
     # Its pool members died with it: the base recomputed the request, tokens unchanged.
-    assert [x for ev in out["events"] for x in ev.token_ids] == reference(ids, params)
+    assert [x for ev in out["events"] for x in ev.new_token_ids] == reference(ids, params)
     assert ray.get(base.ping.remote()) == before  # the same base process all along
     wait_for(lambda: ray.get(cluster.controller.ping.remote())[1], timeout_s=30, what="the controller to attach")
     ray.kill(cluster.controller)  # dead for good: the supervisor creates a new one
@@ -157,7 +157,7 @@ def test_one_of_two_bases_dies_the_other_keeps_its_pooled_request(start_cluster,
     epoch = cluster.status().epoch
     ray.kill(b1)
     t.join(timeout=300)
-    assert [x for ev in out["events"] for x in ev.token_ids] == reference(ids, params)
+    assert [x for ev in out["events"] for x in ev.new_token_ids] == reference(ids, params)
     wait_for(lambda: cluster.bases[1] is not b1 and cluster.supervisor.healthy[1] and cluster.status().epoch > epoch,
              timeout_s=30, what="base 1 to rejoin in a new epoch")
     q = ids_of(22, 12)

@@ -11,7 +11,6 @@ import torch
 
 import fapool.attention as attention_pkg
 from fapool.attention import (
-    KERNEL_ENV_VAR,
     KERNELS,
     FlashAttn4Kernel,
     ReferenceKernel,
@@ -108,16 +107,14 @@ def test_reference_keeps_float64_inputs_in_float64():
 # ---------------------------------------------------------------- selection
 
 
-def test_cpu_gets_the_reference_kernel(monkeypatch):
-    monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
+def test_cpu_gets_the_reference_kernel():
     assert available_kernels("cpu") == ["reference"]
     assert isinstance(select_kernel("cpu"), ReferenceKernel)
     assert isinstance(select_kernel(torch.device("cpu"), "reference"), ReferenceKernel)
 
 
 @pytest.mark.parametrize("name", ["sdpa", "flash4", "flash2"])
-def test_naming_an_unavailable_kernel_says_why_and_what_is_available(monkeypatch, name):
-    monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
+def test_naming_an_unavailable_kernel_says_why_and_what_is_available(name):
     with pytest.raises(ValueError, match=rf"'{name}' cannot run on cpu: needs a CUDA device.*"
                                          r"\['auto', 'reference'\]"):
         select_kernel("cpu", name)
@@ -128,13 +125,15 @@ def test_unknown_kernel_names_list_the_choices():
         select_kernel("cpu", "flash3")
 
 
-def test_environment_variable_overrides_auto_only(monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV_VAR, "sdpa")
-    with pytest.raises(ValueError, match="'sdpa' cannot run on cpu"):
-        select_kernel("cpu")
-    assert isinstance(select_kernel("cpu", "reference"), ReferenceKernel)
-    monkeypatch.setenv(KERNEL_ENV_VAR, "reference")
+def test_the_kernel_is_a_setting_with_a_flag_not_an_environment_variable(monkeypatch):
+    from fapool.config import ATTENTION_KERNELS
+    from serve.options import ServeOptions
+
+    assert ATTENTION_KERNELS == ("auto", *KERNELS)  # the flag's choices are the kernels
+    monkeypatch.setenv("FAPOOL_ATTENTION_KERNEL", "sdpa")  # read by nothing any more
     assert isinstance(select_kernel("cpu"), ReferenceKernel)
+    cfg = ServeOptions(attention_kernel="reference").cluster_config()
+    assert cfg.engine.attention_kernel == "reference"
 
 
 def test_flash_kernels_are_refused_for_float32(monkeypatch):

@@ -18,7 +18,9 @@ from fapool.pool.pooled_attention import PooledAttention
 from fapool.pool.shard_server import ShardServer
 from fapool.pool.transport import LOOPBACK, DataPlane
 
-ENGINE = EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=4096)
+# Prefix caching off: a prompt run twice must reach the pool twice (tests/unit/test_prefix_cache.py
+# runs a pool with it on).
+ENGINE = EngineConfig(model="tiny", device="cpu", kv_capacity_tokens=4096, prefix_caching=False)
 POLICY = PolicyConfig(curve=PoolCurve.parse("16:2"), max_pool=2)  # prompts of 16+ tokens use both members
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 TIMEOUT_S = 30.0
@@ -27,7 +29,7 @@ TIMEOUT_S = 30.0
 class GlooPool:
     """One base engine and `num_members` shard servers in threads, in one epoch."""
 
-    def __init__(self, num_members: int = 2) -> None:
+    def __init__(self, num_members: int = 2, config: EngineConfig = ENGINE) -> None:
         made: list[PooledAttention] = []
 
         def factory(loaded, cache):
@@ -36,7 +38,7 @@ class GlooPool:
             made.append(PooledAttention(loaded.config, cache, kernel, POLICY, pool_wait_s=0.0))
             return made[0]
 
-        self.engine = LLMEngine(ENGINE, executor_factory=factory)
+        self.engine = LLMEngine(config, executor_factory=factory)
         self.executor = made[0]
         loaded = self.engine.loaded
         self.members = tuple(MemberInfo(i, 2048, LOOPBACK) for i in range(1, num_members + 1))

@@ -69,22 +69,23 @@ def test_an_error_sends_what_came_before_it_then_raises():
 
 
 def test_the_interval_grows_with_the_streams_open_and_is_capped():
-    sse._open_streams = 1
-    try:
-        one = sse.chunk_interval_s()
-        sse._open_streams = 64
-        many = sse.chunk_interval_s()
-        sse._open_streams = 100_000
-        capped = sse.chunk_interval_s()
-    finally:
-        sse._open_streams = 0
-    assert one <= 0.001 < many < capped == sse.MAX_CHUNK_INTERVAL_S
+    g = sse.Gathering(1000)
+    g.open_streams = 1
+    one = g.interval_s()
+    g.open_streams = 64
+    many = g.interval_s()
+    g.open_streams = 100_000
+    capped = g.interval_s()
+    assert one <= 0.001 < many < capped == sse.Gathering.MAX_INTERVAL_S
 
 
-def test_a_bad_chunk_rate_is_refused_by_name(monkeypatch):
-    for bad in ("0", "-5", "fast"):
-        monkeypatch.setenv("FAPOOL_STREAM_CHUNKS_PER_S", bad)
-        with pytest.raises(ValueError, match="FAPOOL_STREAM_CHUNKS_PER_S"):
-            sse._rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000")
-    monkeypatch.setenv("FAPOOL_STREAM_CHUNKS_PER_S", "250")
-    assert sse._rate("FAPOOL_STREAM_CHUNKS_PER_S", "1000") == 250.0
+def test_a_bad_chunk_rate_is_refused_by_name():
+    from serve.options import ServeOptions, flag_error
+
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="stream_chunks_per_s"):
+            sse.Gathering(bad)
+        with pytest.raises(ValueError) as e:
+            ServeOptions(stream_chunks_per_s=bad)
+        assert flag_error(e.value).startswith("--stream-chunks-per-s")
+    assert ServeOptions(stream_chunks_per_s=250).limits().stream_chunks_per_s == 250.0
