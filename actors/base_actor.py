@@ -19,7 +19,7 @@ import ray
 from actors.config import ClusterConfig
 from actors.engine_thread import EngineThread
 from actors.messages import BaseStats, GenerateRequest, StepRecord
-from actors.streams import Streams, drain
+from actors.streams import Streams, take_waiting
 from fapool.attention import select_kernel
 from fapool.engine import LLMEngine
 from fapool.errors import ErrorType
@@ -83,7 +83,7 @@ class BaseActor:
         events, live = self._feed(feed_id)
         try:
             while True:
-                batch = drain(await events.get(), events)
+                batch = take_waiting(await events.get(), events)
                 for ev in batch:
                     if ev.finish_reason is not None:
                         live.discard(ev.request_id)
@@ -160,9 +160,12 @@ class BaseActor:
     async def shutdown(self) -> None:
         self._engine.stop()
 
-    async def step_log(self, clear: bool = False) -> list[StepRecord]:
-        """The latest steps' timings (and phases, with profiling on)."""
+    async def step_log(self, clear: bool = False, since_s: float | None = None) -> list[StepRecord]:
+        """The latest steps' timings (and phases, with profiling on); those started after
+        `since_s` (wall clock) when given: the controller's refit reads only what is new."""
         log_ = list(self._engine.steps)
+        if since_s is not None:
+            log_ = [r for r in log_ if r.time_s > since_s]
         if clear:
             self._engine.steps.clear()
         return log_

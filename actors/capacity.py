@@ -47,14 +47,19 @@ def _cluster_cpus(max_age_s: float = 10.0) -> float:
     return _cpus[1]
 
 
-def request_gpus(cfg: ClusterConfig, num_bases: int, target: int) -> None:
-    """Ask the autoscaler for the GPUs of the bases and `target` members (a no-op on CPU)."""
+def request_gpus(cfg: ClusterConfig, num_bases: int, members: int) -> bool:
+    """Ask the Ray autoscaler for the bases' GPUs and `members` members' (their GPU and
+    `member_resources`); a no-op on CPU. Whether the request was made."""
     per = cfg.gpus_per_actor(on_cuda(cfg))
-    if per <= 0:
-        return
+    extra = dict(cfg.member_resources)
+    if per <= 0 and not extra:
+        return False
+    base = {"GPU": per} if per > 0 else {}
     try:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": per}] * (num_bases + target))
+        request_resources(bundles=([base] * num_bases if base else []) + [{**base, **extra}] * members)
+        return True
     except Exception as e:  # noqa: BLE001 - no autoscaler on a fixed cluster
         log.debug("request_resources: %s", e)
+        return False

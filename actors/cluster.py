@@ -15,21 +15,27 @@ from typing import Any, Iterator
 
 import ray
 
+from actors import ray_node
 from actors.config import NAMESPACE, ClusterConfig
 from actors.feeds import Feed, run_request
 from actors.messages import GenerateRequest, PoolStatus
+from actors.ray_node import LOOPBACK
 from actors.supervisor import Supervisor, is_base_name
 from fapool.errors import ErrorType, RequestError
 from fapool.sampling import SamplingParams
 from fapool.sequence import Completion, RequestOutput
 
 
-def connect(address: str | None = None, **init_kwargs: Any) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a local Ray instance. Idempotent."""
+def connect(address: str | None = None, *, ray_host: str = LOOPBACK, **init_kwargs: Any) -> Any:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray instance on `ray_host` (loopback:
+    reachable by this machine's users only; see actors/ray_node.py). Idempotent; returns
+    ray.init's context (None if Ray was already initialized)."""
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, namespace=NAMESPACE, **init_kwargs)
+    if address:
+        return ray_node.join(address, namespace=NAMESPACE, **init_kwargs)
+    return ray_node.start_local(ray_host, namespace=NAMESPACE, **init_kwargs)
 
 
 def running_clusters(prefix: str) -> list[str]:

@@ -31,6 +31,10 @@ class ClusterConfig:
     # they would fight for its cores. None: one member per CPU core the bases leave free.
     max_cpu_members: int | None = None
     supervise_every_s: float = 0.5  # how often the supervisor pings the controller and bases
+    # A member Ray has not placed and started by then is given up (no GPU free, or none with the
+    # resources asked for): the pool shows it pending and the controller retries with backoff.
+    member_start_timeout_s: float = 180.0
+    member_resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources each pool member asks for
 
     def __post_init__(self) -> None:
         if self.num_base_actors < 1:

@@ -10,6 +10,11 @@ then reconciles through `PoolMembers` (`actors/members.py`): new members are cre
 and joined to a new data-plane epoch before any base places work on them; surplus members are
 first marked draining (bases place nothing new on them) and removed only once no live sequence
 holds KV there, so a scale-down never loses a request.
+
+Members start in the background of the tick, so one the cluster cannot place (no free GPU) holds
+nothing up: the tick goes on (scale-down, re-forming), the bases serve on, `/pool` shows the
+member pending, the controller asks the autoscaler for GPUs and retries with backoff. The SLO
+policy's cost model is refit every few seconds from the bases' step logs (`actors/step_feed.py`).
 """
 from __future__ import annotations
 
@@ -26,11 +31,13 @@ from actors.config import ClusterConfig
 from actors.epochs import Member, form_epoch, push_draining, seqs_per_member
 from actors.members import PoolMembers
 from actors.messages import BaseReport, PoolStatus
+from actors.step_feed import StepFeed
 from fapool.policy import PolicyConfig, PolicyState, decide
 from fapool.pool_plan import RemovalCause, num_active, plan_membership, removable
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 2.0
+BACKOFF_S = (1.0, 60.0)  # first and longest wait before starting members again after a failed start
 
 
 class PoolController:
@@ -51,6 +58,14 @@ class PoolController:
         self._last_health_s = 0.0
         self._task: asyncio.Task | None = None
         self._told_capacity = cfg.policy.max_pool  # what the bases assume until told otherwise
+        self.steps = StepFeed()
+        self._tasks: set[asyncio.Task] = set()  # member starts running in the background
+        self.recovering = False  # re-forming the pool after a restart, until the first tick ends
+        self.unplaced = 0  # members of the last cold start that Ray did not place in time
+        self.backoff_s = 0.0
+        self.retry_at_s: float | None = None  # monotonic: no cold start before this
+        self.wanted = 0  # what the policy would ask with every GPU free (pending = wanted - active)
+        self.requested = 0  # the members last asked of the autoscaler
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def ping(self) -> tuple[str, bool, float | None]:
@@ -71,6 +86,7 @@ class PoolController:
             self.epoch = max([self.epoch, *(s.epoch for s in stats)])
             self.reports = {s.base_id: BaseReport(s.base_id, s.epoch, s.contexts) for s in stats}
             if self.epoch > 0:  # a base still holds a group of members that are gone
+                self.recovering = True
                 await self._form_epoch({}, set())
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -136,8 +152,20 @@ class PoolController:
             members=tuple(sorted(pool.members)), draining=tuple(sorted(pool.draining)),
             standby=len(pool.standby),
             capacity=self._capacity(), longest_context=max(contexts, default=0), contexts=contexts,
-            events=tuple(pool.events),
+            events=tuple(pool.events), state=self._state_name(), pending=self._pending(),
+            retry_in_s=None if self.retry_at_s is None else max(0.0, self.retry_at_s - time.monotonic()),
+            fit=self.steps.fit, step_ms=self.steps.step_ms,
         )
+
+    def _pending(self) -> int:
+        return max(0, self.wanted - num_active(self.pool.members, self.pool.draining))
+
+    def _state_name(self) -> str:
+        if self.recovering:
+            return "recovering"
+        if self.unplaced or self.wanted > self.state.target:
+            return "short_of_gpus"
+        return "growing" if self.pool.starting else "ready"
 
     async def reconfigure(self, policy: PolicyConfig, standby_members: int | None = None) -> None:
         """Change the pool policy (and the warm standby) of a running cluster; bases follow."""
@@ -156,7 +184,12 @@ class PoolController:
         return [b for i, b in enumerate(self.bases) if i not in self.down]
 
     def _capacity(self) -> int:
-        return pool_capacity(self.cfg, len(self.pool.members) + len(self.pool.standby))
+        """Members the cluster can hold: those held or starting, and what free GPUs allow; while
+        backing off a failed start, only those held and starting (so no base waits for more)."""
+        held = len(self.pool.members) + len(self.pool.standby) + self.pool.starting
+        if self.retry_at_s is not None:
+            return min(held, pool_capacity(self.cfg, held))
+        return pool_capacity(self.cfg, held)
 
     async def _tell_capacity(self, bases: list[Any]) -> None:
         """How many members the cluster can give: a long prompt waits only for a pool that can come."""
@@ -192,13 +225,23 @@ class PoolController:
         if self._suspect or (pool.members and now - self._last_health_s > HEALTH_EVERY_S):
             self._last_health_s = now
             await self._heal()
+        live = {i: b for i, b in enumerate(self.bases) if i not in self.down}
+        if self.cfg.policy.mode == "slo" and self.steps.due(now):
+            await self.steps.refresh(live, now)
+        if self.retry_at_s is not None and now >= self.retry_at_s:
+            self.retry_at_s = None  # the backoff is over: free GPUs count again
         contexts = [c for r in self.reports.values() for c in r.contexts]
-        prev = self.state.target
+        per_base = [r.contexts for r in self.reports.values()]
         capacity = self._capacity()
-        d = decide(contexts, capacity, self.state, now, self.cfg.policy)
+        fit = self.steps.fit
+        d = decide(contexts, capacity, self.state, now, self.cfg.policy, fit, per_base)
+        # What the policy would ask with every GPU free: beyond `capacity` it is pending.
+        self.wanted = decide(contexts, self.cfg.policy.max_pool, self.state, now, self.cfg.policy, fit,
+                             per_base).target
         self.state = d.state
-        if d.target != prev:
-            request_gpus(self.cfg, len(self.bases), d.target)
+        if self.wanted != self.requested:
+            self.requested = self.wanted
+            request_gpus(self.cfg, len(self.bases), self.wanted)
         if capacity != self._told_capacity:
             self._told_capacity = capacity
             for b in self._live():
@@ -210,7 +253,10 @@ class PoolController:
             pool.revive(plan.revive)
             await push_draining(self._live(), pool.draining)
         if plan.add:
-            await pool.add(plan.add, d.reason, self.base_info[0])
+            decided = time.time()
+            cold = await pool.add_standby(plan.add, d.reason, self.base_info[0], decided) - pool.starting
+            if cold > 0 and self.retry_at_s is None:
+                self._grow(cold, d.reason, decided)
         if plan.drain:
             pool.drain(plan.drain)
             await push_draining(self._live(), pool.draining)
@@ -218,6 +264,33 @@ class PoolController:
             idle = list(removable(pool.draining, await seqs_per_member(self._live())))
             if idle:
                 await pool.remove(idle, RemovalCause.DRAINED, "drained: " + d.reason)
+        self.recovering = False
+
+    def _grow(self, n: int, reason: str, decided_s: float) -> None:
+        """Start `n` members in the background; join those that started (as many as the target
+        still wants) under the lock; back off when some did not start in time."""
+        model = self.base_info[0]
+        self.pool.starting += n  # counted at once: the next tick must not start them again
+
+        async def grow() -> None:
+            started = await self.pool.start_cold(n, model)
+            self.unplaced = n - len(started)
+            if self.unplaced:
+                self.backoff_s = min(BACKOFF_S[1], max(BACKOFF_S[0], 2 * self.backoff_s))
+                self.retry_at_s = time.monotonic() + self.backoff_s
+                log.warning("pool: %d of %d members not placed in %.0f s; retrying in %.0f s", self.unplaced, n,
+                            self.cfg.member_start_timeout_s, self.backoff_s)
+                request_gpus(self.cfg, len(self.bases), self.wanted)
+            else:
+                self.backoff_s = 0.0
+            async with self._lock:
+                want = self.state.target - num_active(self.pool.members, self.pool.draining)
+                await self.pool.adopt(started, want, reason, model, decided_s)
+            self._wake.set()
+
+        task = asyncio.get_running_loop().create_task(grow())
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
 
     # ---- membership changes ---------------------------------------------------------------
     async def _heal(self) -> None:
@@ -235,3 +308,19 @@ class PoolController:
         await form_epoch(live, self.epoch, members, draining)
         self.reports = {k: BaseReport(r.base_id, self.epoch, r.contexts, r.seqs_per_member, False)
                         for k, r in self.reports.items()}
+
+
+def pool_policy_json(pol: PolicyConfig, st: PoolStatus | None) -> dict[str, Any]:
+    """`/pool`'s view of the policy and what it sees: state, pending members, targets, the fit
+    and its error, per base the measured and predicted decode step."""
+    fit = st.fit if st else None
+    return {
+        "state": st.state if st else "starting", "pending": st.pending if st else 0,
+        "retry_in_s": st.retry_in_s if st else None, "policy": pol.mode,
+        "tpot_slo_ms": pol.tpot_slo_ms, "ttft_slo_ms": pol.ttft_slo_ms,
+        "fit": None if fit is None else {
+            "decode": fit.decode, "prefill": fit.prefill, "decode_error": fit.decode_error,
+            "prefill_error": fit.prefill_error, "decode_samples": fit.decode_samples,
+            "prefill_samples": fit.prefill_samples, "decode_pooled_samples": fit.decode_pooled_samples},
+        "step_ms": [{"base": b, "measured": m, "predicted": p} for b, m, p in (st.step_ms if st else ())],
+    }

@@ -140,11 +140,16 @@ class EngineThread:
         wall = time.perf_counter() - t0
         r = step.report  # None when nothing new ran
         if r is not None:
+            ex = self.executor
+            contexts = [s.end for s in r.batch.slices]
+            # KV parts per sequence (the base's and its members'): what the SLO policy's fit reads.
+            parts = [len(ex.pooled[s.seq_id].member_ids) + 1 if s.seq_id in ex.pooled else 1 for s in r.batch.slices]
             self.steps.append(StepRecord(
-                t_wall, wall, r.kind, r.num_seqs, r.num_tokens, self.executor.stats().step_pooled,
-                max((s.end for s in r.batch.slices), default=0),
+                t_wall, wall, r.kind, r.num_seqs, r.num_tokens, ex.stats().step_pooled,
+                max(contexts, default=0),
                 tuple(sorted({**dict(r.phases), "host_launch": r.launch_s}.items()))
-                if self.executor.timer.enabled else (),
+                if ex.timer.enabled else (),
+                sum(c / p for c, p in zip(contexts, parts)), sum(contexts), max(parts, default=1) - 1,
             ))
         return step
 

@@ -35,6 +35,7 @@ class PoolMembers:
         self._form_epoch = form_epoch
         self._next_id = 1
         self._standby_starting = 0
+        self.starting = 0  # cold members being started for the pool (not standby)
 
     def reconfigure(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
@@ -48,15 +49,39 @@ class PoolMembers:
     def drain(self, ids: tuple[int, ...]) -> None:
         self.draining |= set(ids)
 
-    async def add(self, n: int, reason: str, model: dict[str, Any]) -> None:
-        """Grow by `n` members of the bases' `model` (their `ready()` info)."""
-        # Warm standby members first: they only need to join the new epoch.
+    async def add_standby(self, n: int, reason: str, model: dict[str, Any], decided_s: float | None = None) -> int:
+        """Grow by up to `n` warm standby members (they only need to join the new epoch); returns
+        how many more the caller must start cold (`start_cold`)."""
         take = [self.standby.pop(mid) for mid in sorted(self.standby)[:n]]
-        grown = dict(self.members)
-        grown.update({m.info.member_id: m for m in take})
-        grown.update(await self._start(n - len(take), model))
-        if len(grown) > len(self.members):
-            await self._change(grown, "up", reason)
+        if take:
+            grown = dict(self.members)
+            grown.update({m.info.member_id: m for m in take})
+            await self._change(grown, "up", reason, decided_s)
+            self.refill_standby(model)
+        return n - len(take)
+
+    async def start_cold(self, n: int, model: dict[str, Any]) -> dict[int, Member]:
+        """Start `n` members (in the background of the controller's tick, which has counted them
+        in `starting`); those Ray has not placed and started within `member_start_timeout_s` are
+        killed: the caller backs off and retries."""
+        try:
+            return await self._start(n, model, self.cfg.member_start_timeout_s)
+        finally:
+            self.starting -= n
+
+    async def adopt(self, started: dict[int, Member], want: int, reason: str, model: dict[str, Any],
+                    decided_s: float | None = None) -> None:
+        """Join `want` of the freshly `started` members to a new epoch; the rest become warm standby
+        (the target fell while they started), or stop."""
+        ids = sorted(started)
+        join, spare = ids[:max(want, 0)], ids[max(want, 0):]
+        if join:
+            await self._change({**self.members, **{i: started[i] for i in join}}, "up", reason, decided_s)
+        for i in spare:
+            if len(self.standby) < self.cfg.standby_members:
+                self.standby[i] = started[i]
+            else:
+                ray.kill(started[i].handle)
         self.refill_standby(model)
 
     async def remove(self, ids: list[int], cause: RemovalCause, reason: str) -> None:
@@ -98,11 +123,14 @@ class PoolMembers:
         self.members.clear()
         self.standby.clear()
 
-    async def _start(self, n: int, model: dict[str, Any]) -> dict[int, Member]:
-        """Start `n` pool actors; those that fail to start are dropped (and logged)."""
+    async def _start(self, n: int, model: dict[str, Any], timeout_s: float | None = None) -> dict[int, Member]:
+        """Start `n` pool actors; those that fail to start (or to be placed within `timeout_s`)
+        are dropped (and logged)."""
         if n <= 0:
             return {}
         opts = self.cfg.actor_options(on_cuda(self.cfg))
+        if self.cfg.member_resources:
+            opts["resources"] = dict(self.cfg.member_resources)
         # Members live and die with this controller (max_restarts=0): a lost member costs its
         # bases a recompute, and the policy starts a new one.
         cls = ray.remote(AttentionPoolActor).options(**opts, max_concurrency=8, max_restarts=0)
@@ -112,22 +140,25 @@ class PoolMembers:
             new[mid] = cls.remote(mid, model["model_config"], model["dtype"], model["device_type"],
                                   self.cfg.member_kv_capacity_tokens, self.cfg.engine.attention_kernel,
                                   self.cfg.data_plane_timeout_s, self.cfg.profile)
-        results = await asyncio.gather(*(h.info.remote() for h in new.values()), return_exceptions=True)
+        results = await asyncio.gather(*(asyncio.wait_for(h.info.remote(), timeout_s) for h in new.values()),
+                                       return_exceptions=True)
         started = {}
         for (mid, h), res in zip(new.items(), results):
-            if isinstance(res, Exception):
-                log.warning("pool member %d failed to start: %s", mid, res)
+            if isinstance(res, BaseException):
+                log.warning("pool member %d failed to start: %s", mid,
+                            f"not placed and started within {timeout_s:.0f} s" if isinstance(res, asyncio.TimeoutError) else res)
                 ray.kill(h)
             else:
                 started[mid] = Member(h, res)
         return started
 
-    async def _change(self, members: dict[int, Member], direction: str, reason: str) -> None:
+    async def _change(self, members: dict[int, Member], direction: str, reason: str,
+                      decided_s: float | None = None) -> None:
         """Form the new epoch first; only then does the new size show (status, events, metrics)."""
         draining = self.draining & set(members)
         await self._form_epoch(members, draining)
         before = len(self.members)
         self.members, self.draining = members, draining
-        self.events.append(ScaleEvent(time.time(), before, len(members), direction, reason))
+        self.events.append(ScaleEvent(time.time(), before, len(members), direction, reason, decided_s))
         self.scale_counts[direction] += 1
         log.info("pool %s %d -> %d: %s", direction, before, len(members), reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fapool.costfit import StepFit
 from fapool.sampling import SamplingParams
 from fapool.stats import EngineStats
 
@@ -54,6 +55,9 @@ class StepRecord:
     num_pooled: int
     max_context: int
     phases: tuple[tuple[str, float], ...] = ()  # seconds per phase, with profiling on
+    read_tokens: float = 0.0  # KV tokens the base read itself (a pooled context / (members + 1))
+    context_tokens: int = 0  # the batch's contexts, summed
+    members: int = 0  # pool members the step exchanged with
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class ScaleEvent:
     to_size: int
     direction: str  # "up" or "down"
     reason: str
+    decided_s: float | None = None  # wall clock of the decision that led to it (scale-up time = time_s - this)
 
 
 @dataclass(frozen=True)
@@ -79,3 +84,8 @@ class PoolStatus:
     longest_context: int
     contexts: tuple[int, ...]
     events: tuple[ScaleEvent, ...] = field(default=())
+    state: str = "ready"  # ready, growing, short_of_gpus (some wanted members unplaceable), recovering
+    pending: int = 0  # members the policy wants that the cluster cannot place now
+    retry_in_s: float | None = None  # when the controller next tries to start them
+    fit: StepFit | None = None  # the cost model the SLO policy predicts with
+    step_ms: tuple[tuple[int, float, float], ...] = ()  # (base, measured, predicted) median decode step

@@ -8,7 +8,7 @@ import asyncio
 from fapool.sequence import RequestOutput
 
 
-def drain(ev: RequestOutput, events: asyncio.Queue) -> tuple[RequestOutput, ...]:
+def take_waiting(ev: RequestOutput, events: asyncio.Queue) -> tuple[RequestOutput, ...]:
     """The event just awaited plus those already waiting: when the engine runs ahead of the caller,
     one Ray streaming item carries several steps instead of costing a round each. Each event stays
     one engine step (at most one token), so the ingress can still stream one event per token."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from bench.floors import prefill_flops
 from fapool.config import PRESETS, ModelConfig
+from fapool.costfit import nonneg_fit
 
 PAPER_BASES = 8
 PAPER_BATCH = 1024  # over all bases
@@ -109,10 +110,10 @@ def fit(result: dict, cfg: ModelConfig | None = None) -> CostModel:
     coef: dict[str, float] = {}
     if dec:
         X = np.array([decode_terms(m, r["context"], r["batch"], r["pool"]) for r in dec])
-        coef |= _nonneg_fit(X, np.array([r["tpot_s"] for r in dec]), "abcd", fixed)
+        coef |= nonneg_fit(X, np.array([r["tpot_s"] for r in dec]), "abcd", fixed)
     if pre:
         X = np.array([prefill_terms(m, r["context"], r["pool"]) for r in pre])
-        coef |= _nonneg_fit(X, np.array([r["ttft_s"] for r in pre]), "efgh", fixed)
+        coef |= nonneg_fit(X, np.array([r["ttft_s"] for r in pre]), "efgh", fixed)
     m = replace(m, **coef, fixed=tuple(sorted(fixed.items())))
     return replace(
         m,
@@ -120,20 +121,6 @@ def fit(result: dict, cfg: ModelConfig | None = None) -> CostModel:
                                   predict_decode(m, r["context"], r["batch"], r["pool"])) for r in dec),
         prefill_points=tuple(Point(r["pool"], r["context"], 1, r["ttft_s"],
                                    predict_prefill(m, r["context"], r["pool"])) for r in pre))
-
-
-def _nonneg_fit(X: np.ndarray, y: np.ndarray, names: str, fixed: dict[str, str]) -> dict[str, float]:
-    """Least squares on relative error; drop the most negative coefficient and refit until none is."""
-    free = [i for i, t in enumerate(names) if t not in fixed]
-    A, ones = X / y[:, None], np.ones_like(y)
-    while free:
-        beta = np.linalg.lstsq(A[:, free], ones, rcond=None)[0]
-        worst = int(np.argmin(beta))
-        if beta[worst] >= 0:
-            return {t: (float(beta[free.index(i)]) if i in free else 0.0) for i, t in enumerate(names)}
-        fixed[names[free[worst]]] = f"came out negative ({beta[worst]:.3g}) and was dropped"
-        free.pop(worst)
-    return {t: 0.0 for t in names}
 
 
 def project(result: dict, m: CostModel) -> list[dict]:

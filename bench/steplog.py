@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 
+from actors import ray_node
 from actors.config import NAMESPACE
 from actors.supervisor import is_base_name
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--raw", action="store_true", help="also write every step (start, wall, kind, seqs, tokens)")
     args = p.parse_args(argv)
-    ray.init(address=args.address, namespace=NAMESPACE, logging_level="ERROR")
+    ray_node.join(args.address, namespace=NAMESPACE, logging_level="ERROR")  # fapool serve's Ray is on loopback
     result = {}
     for name, h in base_handles():
         steps = ray.get(h.step_log.remote(clear=True))

@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve.errors import install_handlers
-from serve.guard import Guard
+from serve.guard import Guard, set_body_read_timeout
 from serve.history import history
+from serve.ingress import bind_replica_grpc_to_node_ip
 from serve.openapi import install_openapi
 from serve.options import ServeOptions
 from serve.routes.docs import router as docs_router
@@ -40,7 +41,9 @@ app = create_app()
 @serve.ingress(app)
 class FAPoolIngress:
     def __init__(self, options: dict[str, Any]) -> None:
+        bind_replica_grpc_to_node_ip()
         opts = ServeOptions(**options)
+        set_body_read_timeout(opts.body_read_timeout_s)
         self.service = InferenceService(opts.cluster_config(), opts.limits(), opts.model_names())
         set_current(self.service, opts.resolved_api_key())
         history.start(self.service.pool_json)  # Serve runs __init__ on the replica's event loop

@@ -26,6 +26,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
     s.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may take to finish")
+    s.add_argument("--ray-host", default="127.0.0.1",
+                   help="where the Ray cluster this command starts listens (its node IP: GCS, raylet, workers, "
+                        "agents, dashboard and Jobs API). Loopback keeps it to this machine whatever --host is; "
+                        "another address lets other nodes join and needs Ray's token auth (README, Security)")
     s.add_argument("--ingress", choices=ingress.CHOICES, default="auto",
                    help="what listens on --port: 'direct', the ingress replica itself (Ray Serve's direct "
                         "ingress: no proxy hop per streamed chunk; needs the Ray cluster this command "
@@ -65,31 +69,39 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from actors import ray_node
     from actors.cluster import connect
+    from serve import http_limits
     from serve.app import build_app
     from serve.ingress import direct_ingress_env, plan
 
-    started_here = not (args.address or os.environ.get("RAY_ADDRESS"))
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    started_here = not address
     try:
+        ray_node.check_address(address, args.ray_host)
         ingress = plan(args.ingress, started_here, opts.host, opts.port)
     except ValueError as e:
         print(f"fapool serve: {e}", file=sys.stderr)
         return 2
     if ingress.mode == "direct":
         os.environ.update(direct_ingress_env(opts.port))  # before Ray starts: its processes inherit them
-    connect(args.address)
+    if started_here:
+        os.environ.update(http_limits.env(opts.http_limits()))  # Serve's HTTP servers read them (serve/http_limits.py)
+    ctx = connect(args.address, ray_host=args.ray_host)
     logging.getLogger("ray.serve").addFilter(_ServeNoise())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": opts.host, "port": ingress.proxy_port})
+        serve.start(http_options={"host": opts.host, "port": ingress.proxy_port,
+                                  "keep_alive_timeout_s": opts.keep_alive_s})
         serve.run(build_app(opts.model_dump()), name=APP, route_prefix="/", blocking=False)
         key = " (API key required)" if opts.resolved_api_key() else ""
         how = (f"direct ingress; Serve's proxy on port {ingress.proxy_port}" if ingress.mode == "direct"
                else "Serve's proxy")
         print(f"FA Pool serving {opts.model!r} on http://{opts.host}:{opts.port}{key} ({how}); Ctrl-C to stop "
               f"(Ray at {ray.get_runtime_context().gcs_address})", flush=True)
+        print(jobs_line(ray_node.jobs_api(ctx), ray_node.auth_mode()), flush=True)
         stop.wait()
     finally:
         print(f"FA Pool shutting down: requests in flight get {args.shutdown_grace_s:g}s", flush=True)
@@ -106,6 +118,16 @@ def serve_main(args: argparse.Namespace) -> int:
             ray.shutdown()  # failed graceful_shutdown task of its killed controller to the log)
     print("FA Pool stopped", flush=True)
     return 0
+
+
+def jobs_line(api: str | None, auth: str) -> str:
+    """Where the cluster's Jobs API is and the line that submits a job to it."""
+    if api is None:
+        return "Ray's Jobs API: none (this Ray cluster runs no dashboard)"
+    # Ray's CLI sends the token (from ~/.ray/auth_token) only when RAY_AUTH_MODE says token.
+    env = "RAY_AUTH_MODE=token " if auth == "token" else ""
+    return (f"Ray's Jobs API at {api} ({'token auth' if auth == 'token' else 'NO auth'}); submit with: "
+            f"{env}ray job submit --address {api} --working-dir . -- python -m serve.batch --input ... --output ...")
 
 
 class _ServeNoise(logging.Filter):

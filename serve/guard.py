@@ -5,8 +5,7 @@ through untouched.
 - A body over the limit gets a 413 the client can read: the rest of the body is read and dropped
   first (up to DRAIN_CAP_BYTES), because closing a connection with unread data resets it, and the
   client then sees "connection reset" instead of the 413.
-- A body that stops arriving for BODY_READ_TIMEOUT_S (default 10 s, env
-  FAPOOL_BODY_READ_TIMEOUT_S) gets a 408.
+- A body that stops arriving for `--body-read-timeout-s` (default 10 s) gets a 408.
 - Anything unexpected becomes an OpenAI-shaped JSON 500 with a request id, logged with the same id.
 """
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 import uuid
 from urllib.parse import parse_qs
 
@@ -22,8 +20,13 @@ from serve.errors import REQUEST_ID, error_body, internal_error
 
 OPEN_PATHS = ("/health",)
 BODY_METHODS = ("POST", "PUT", "PATCH")
-BODY_READ_TIMEOUT_S = float(os.environ.get("FAPOOL_BODY_READ_TIMEOUT_S", "10"))
+BODY_READ_TIMEOUT_S = 10.0  # ServeOptions.body_read_timeout_s, set by `set_body_read_timeout`
 DRAIN_CAP_BYTES = 64 << 20  # past this, stop reading a refused body and close
+
+
+def set_body_read_timeout(seconds: float) -> None:
+    global BODY_READ_TIMEOUT_S
+    BODY_READ_TIMEOUT_S = seconds
 
 
 class Guard:

@@ -62,3 +62,24 @@ def _free_port(host: str) -> int:
     with socket.socket(_family(host)) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def bind_replica_grpc_to_node_ip() -> None:
+    """Ray Serve's replica starts an inter-deployment gRPC server on every interface ("[::]:0",
+    with no setting to change it) once its deployment's __init__ has run: bind it to the node's IP,
+    as Ray's own servers are (loopback for the cluster `fapool serve` starts). Call from __init__."""
+    import ray
+    from ray.serve._private import replica
+
+    add = replica.add_port_to_grpc_server
+    if getattr(add, "fapool_pinned", False):
+        return
+
+    def pinned(server, address: str) -> int:
+        if address == "[::]:0":
+            ip = ray.util.get_node_ip_address()
+            address = f"[{ip}]:0" if ":" in ip else f"{ip}:0"
+        return add(server, address)
+
+    pinned.fapool_pinned = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = pinned

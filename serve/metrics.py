@@ -48,6 +48,8 @@ OPERATOR_METRICS = {
     "fapool_request_queue_time_seconds": "histogram",
     "fapool_request_prompt_tokens": "histogram",
     "fapool_request_generation_tokens": "histogram",
+    "fapool_pool_pending": "gauge",  # members the policy wants that the cluster cannot place yet
+    "fapool_cost_fit_error": "gauge",  # {kind}: the SLO policy's cost fit, median |predicted/measured - 1|
 }
 FINISH_REASONS = ("stop", "length", "abort", "error")
 disable_created_metrics()  # the *_created series only clutter the exposition
@@ -80,6 +82,14 @@ class _PoolCollector:
         for direction in ("up", "down"):
             events.add_metric([direction], snap.scale_counts.get(direction, 0))
         yield events
+        yield GaugeMetricFamily("fapool_pool_pending", "Pool members wanted but not placed yet",
+                                value=st.pending if st else 0)
+        fit_error = GaugeMetricFamily("fapool_cost_fit_error", "Median relative error of the step-time fit "
+                                      "over the steps it was fitted on", labels=["kind"])
+        for kind in ("decode", "prefill"):  # NaN until the fit has steps of the kind
+            err = getattr(st.fit, f"{kind}_error") if st and st.fit else None
+            fit_error.add_metric([kind], float("nan") if err is None else err)
+        yield fit_error
         yield GaugeMetricFamily("fapool_requests_running", "Requests in running batches", value=snap.running)
         yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
         # A base keeps its share of a member until it hears the member left: only members in the

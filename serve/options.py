@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.config import ClusterConfig
 from fapool.config import ATTENTION_KERNELS, PRESETS, EngineConfig
-from fapool.policy import DEFAULT_CURVE, MAX_POOL, PolicyConfig, PoolCurve
+from fapool.policy import DEFAULT_CURVE, MAX_POOL, MODES, PolicyConfig, PoolCurve
 from fapool.weights import check_model_dir
 
 if TYPE_CHECKING:  # serve.service brings Ray: flag checks must stay fast
+    from serve.http_limits import HttpLimits
     from serve.service import ServeLimits
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -38,6 +39,12 @@ class ClusterOptions(BaseModel):
     max_pool: int = Field(MAX_POOL, ge=0, le=MAX_POOL, description="attention pool actors at most (0..32)")
     pool_curve: str = Field(DEFAULT_CURVE, description="pool size by longest context, LEN:SIZE,...")
     pool_cooldown_s: float = Field(30.0, ge=0, description="seconds before the pool shrinks")
+    pool_policy: str | None = Field(None, description="slo: the fewest members whose predicted step meets "
+                                    "--tpot-slo-ms/--ttft-slo-ms; curve: --pool-curve; default: curve when "
+                                    "--pool-curve is not the paper's, else slo", json_schema_extra={"choices": MODES})
+    tpot_slo_ms: float = Field(PolicyConfig.tpot_slo_ms, gt=0, description="target decode step of a base (slo policy)")
+    ttft_slo_ms: float = Field(PolicyConfig.ttft_slo_ms, gt=0, description="target prefill of the longest "
+                                                                           "prompt in flight (slo policy)")
     accelerator_type: str | None = Field(None, description="pin actors to one GPU model, e.g. A100 or H100")
     kv_capacity_tokens: int | None = Field(None, ge=1, description="KV cache per base; None: from free memory")
     member_kv_capacity_tokens: int | None = Field(None, ge=1,
@@ -83,6 +90,13 @@ class ClusterOptions(BaseModel):
             raise ValueError(f"device={v!r}; use auto, cpu or cuda")
         return v
 
+    @field_validator("pool_policy")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is not None and v not in MODES:
+            raise ValueError(f"{v!r}; use one of {', '.join(MODES)}")
+        return v
+
     @field_validator("attention_kernel")
     @classmethod
     def _kernel(cls, v: str) -> str:
@@ -103,7 +117,9 @@ class ClusterOptions(BaseModel):
                                 max_prefill_tokens=self.max_prefill_tokens, attention_kernel=self.attention_kernel,
                                 prefix_caching=self.prefix_caching),
             policy=PolicyConfig(curve=PoolCurve.parse(self.pool_curve), max_pool=self.max_pool,
-                                cooldown_s=self.pool_cooldown_s),
+                                cooldown_s=self.pool_cooldown_s, tpot_slo_ms=self.tpot_slo_ms,
+                                ttft_slo_ms=self.ttft_slo_ms,
+                                mode=self.pool_policy or ("slo" if self.pool_curve == DEFAULT_CURVE else "curve")),
             num_base_actors=self.base_actors,
             accelerator_type=self.accelerator_type,
             member_kv_capacity_tokens=self.member_kv_capacity_tokens,
@@ -126,6 +142,12 @@ class ServeOptions(ClusterOptions):
     stream_chunks_per_s: float = Field(1000.0, gt=0, description="HTTP chunks a second this server's streams "
                                                                  "send together: each stream gathers its events "
                                                                  "for streams/rate seconds (at most 0.1)")
+    body_read_timeout_s: float = Field(10.0, gt=0, description="a body that stops arriving this long gets HTTP 408")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="a larger request line plus headers gets HTTP 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must complete within this "
+                                                           "(else HTTP 408 and a close)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(2048, ge=1, description="open connections at most; past it HTTP 503 and a close")
     served_model_name: list[str] | None = Field(
         None, description="the model's names in the API (as vLLM's flag): the first is the id responses carry, "
                           "each is accepted as `model`; default: the preset's name or the directory's basename")
@@ -147,6 +169,12 @@ class ServeOptions(ClusterOptions):
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("FAPOOL_API_KEY") or None
+
+    def http_limits(self) -> HttpLimits:
+        from serve.http_limits import HttpLimits
+
+        return HttpLimits(max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s,
+                          keep_alive_s=self.keep_alive_s, max_connections=self.max_connections)
 
     def limits(self) -> ServeLimits:
         from serve.service import ServeLimits

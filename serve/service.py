@@ -13,6 +13,7 @@ import ray
 
 from actors.cluster import Cluster
 from actors.config import ClusterConfig
+from actors.controller import pool_policy_json
 from actors.messages import GenerateRequest
 from fapool.config import PRESETS
 from fapool.errors import ErrorType
@@ -241,6 +242,7 @@ class InferenceService:
             "latency": self.metrics.window.summary(),
             "prefix_cache": prefix_cache_summary(self.cfg.engine.prefix_caching, snap.bases),
             "events": [e.__dict__ for e in (st.events if st else ())][::-1][:100][::-1],
+            **pool_policy_json(pol, st),
         }
 
 

@@ -1,6 +1,7 @@
 """python -m bench.elastic [--duration-s S] [--out FILE] [--quick]
 
-Replays each workload at 50% and 80% load of the 8 bases through FA Pool (default curve), static
+Replays each workload at 50% and 80% load of the 8 bases through FA Pool with the default settings
+(the SLO policy, its cost model refit online from the replayed steps), the paper's curve, static
 pools of 0/8/16/32, and static TP; tunes the curve and cooldown; writes the result JSON, the plots
 and the docs/benchmarks.md section."""
 from __future__ import annotations
@@ -16,6 +17,8 @@ from bench.elastic.metrics import summarize
 from bench.elastic.replay import Setup, replay
 from bench.elastic.workloads import WORKLOADS, generate, mean_shape
 from fapool.policy import DEFAULT_CURVE, PolicyConfig, PoolCurve
+
+DEFAULT = "FA Pool (default)"
 
 ROOT = Path(__file__).resolve().parents[2]
 LOADS = (0.5, 0.8)
@@ -33,7 +36,7 @@ def rate_for(w, load_frac: float, costs, setup: Setup) -> float:
 
 
 def setups() -> list[Setup]:
-    return [Setup("FA Pool (default curve)", PolicyConfig()),
+    return [Setup(DEFAULT, PolicyConfig()), Setup("FA Pool (paper curve)", PolicyConfig(mode="curve")),
             *(Setup(f"static pool {p}", static_pool=p) for p in (0, 8, 16, 32)),
             *(Setup(f"static TP{k} (8x{k} GPUs)", tp=k) for k in (2, 4))]
 
@@ -52,8 +55,8 @@ def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> 
         rows, traces = [], {}
         for st in setups():
             o = replay(st, trace, costs)
-            rows.append(summarize(o))
-            if st.policy is not None:
+            rows.append(summarize(o) | ({"online_fit": fit_summary(o.fits)} if o.fits else {}))
+            if st.name == DEFAULT:
                 traces["default"] = o.pool_trace
         ref = next(r for r in rows if r["name"] == "static pool 32")
         tuned = []
@@ -61,7 +64,7 @@ def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> 
             for curve in TUNE_CURVES:
                 for cd in TUNE_COOLDOWNS_S:
                     st = Setup(f"FA Pool {curve} cooldown {cd:g}s",
-                               PolicyConfig(curve=PoolCurve.parse(curve), cooldown_s=cd))
+                               PolicyConfig(mode="curve", curve=PoolCurve.parse(curve), cooldown_s=cd))
                     o = replay(st, trace, costs)
                     r = summarize(o) | {"curve": curve, "cooldown_s": cd}
                     tuned.append(r)
@@ -80,6 +83,16 @@ def run_workload(name: str, duration_s: float, seed: int, costs, tune: bool) -> 
     return out
 
 
+def fit_summary(fits: list) -> dict:
+    """The last online fit of a replay and the largest error any refit had (median over its steps)."""
+    last = fits[-1]
+    errs = [f.decode_error for f in fits if f.decode_error is not None]
+    return {"decode": last.decode, "prefill": last.prefill, "decode_error": last.decode_error,
+            "prefill_error": last.prefill_error, "decode_error_max_over_refits": max(errs, default=None),
+            "decode_samples": last.decode_samples, "decode_pooled_samples": last.decode_pooled_samples,
+            "refits": len(fits)}
+
+
 SENSITIVITY_D_S = 0.2e-3  # a member cost below the 32-member break-even at 64K x 8 (report.break_even)
 
 
@@ -88,7 +101,8 @@ def sensitivity(name: str, duration_s: float, seed: int, costs, d_s: float) -> l
     w = WORKLOADS[name]
     cheap = replace(costs, model=replace(costs.model, d=d_s))
     trace = generate(w, rate_for(w, LOADS[-1], costs, Setup("ref")), duration_s, seed)
-    runs = [Setup("FA Pool (default curve)", PolicyConfig()), Setup("static pool 0", static_pool=0),
+    runs = [Setup(DEFAULT, PolicyConfig()), Setup("FA Pool (paper curve)", PolicyConfig(mode="curve")),
+            Setup("static pool 0", static_pool=0),
             Setup("static pool 8", static_pool=8), Setup("static pool 32", static_pool=32)]
     return [summarize(replay(st, trace, cheap)) for st in runs]
 
@@ -104,7 +118,7 @@ def main() -> None:
     a = ap.parse_args()
     costs = load()
     result = {"what": "bench.elastic replay: 8 bases, up to 32 pool GPUs, paper model, step times from the "
-                      "cost model", "fit": costs.fit_errors(), "workloads": {},
+                      "cost model; the default policy refits its own cost model online from the replayed steps", "fit": costs.fit_errors(), "workloads": {},
               "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.elastic --docs"}
     for name in a.workloads.split(","):
         t0 = time.monotonic()

@@ -3,8 +3,8 @@
 The pool is driven by the service's own code: `fapool.policy.decide` for the target and
 `fapool.pool_plan` for what to revive, add, drain and remove (the same functions
 `actors/controller.py` calls). Around them this models what Ray and the GPUs would do: members
-start after the measured cold (or warm-standby) time while the controller's tick waits for them,
-as `PoolController._add` does; bases admit in order (`fapool/scheduler.py`), hold a long prompt up
+start in the background after the measured cold time and join the epoch then (a warm-standby
+member joins after the measured scale event while the tick waits for it), as `PoolController` does; bases admit in order (`fapool/scheduler.py`), hold a long prompt up
 to `pool_wait_s` for a growing pool (`fapool/pool/pooled_attention.py`), place a prompt over the
 threshold on every active member, and step with the cost model's times. Time advances in ticks
 of the controller (`tick_s`); inside a tick a base runs the prefills of the requests admitted
@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 
 from bench.elastic.costs import StepCosts
 from bench.elastic.workloads import Request
+from fapool import costfit, pool_plan
 from fapool import policy as policy_mod
-from fapool import pool_plan
+from fapool.costfit import StepFit, StepSample
 from fapool.policy import PolicyConfig, PolicyState
+
+REFIT_EVERY_S = 5.0  # the controller's (actors/controller.py)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class ReplayController:
         self.next_id = 1
         self.sizes: list[tuple[float, int]] = [(0.0, 0)]  # membership after each epoch
         self.events = {"up": 0, "down": 0}
+        self.samples: tuple[StepSample, ...] = ()
+        self.fit = StepFit()
+        self.fits: list[StepFit] = []
+        self._refit_s = 0.0
         self._refill(0.0)
 
     def active(self) -> list[int]:
@@ -99,25 +106,38 @@ class ReplayController:
         self.sizes.append((now, len(self.members)))
         self.events[direction] += 1
 
-    def tick(self, now: float, contexts: list[int], seqs: dict[int, int]) -> None:
+    def tick(self, now: float, contexts: list[int], seqs: dict[int, int],
+             per_base: list[list[int]] | None = None, steps: list[StepSample] = ()) -> None:
+        self.samples = costfit.keep_recent(self.samples, steps)
+        if now - self._refit_s >= REFIT_EVERY_S:  # the bases' step logs, refit as the controller does
+            self.fit, self._refit_s = costfit.fit_steps(self.samples, self.fit), now
+            self.fits.append(self.fit)
         self.standby += [self._new_id() for t in self.standby_ready_s if t <= now]
         self.standby_ready_s = [t for t in self.standby_ready_s if t > now]
         for t, ids in [s for s in self.starting if s[0] <= now]:
             self.starting.remove((t, ids))
-            self.members += ids
-            self._epoch(t, "up")
+            want = max(0, self.state.target - len(self.active()))  # PoolMembers.adopt
+            self.members += ids[:want]
+            self.standby += ids[want:][: max(0, self.standby_members - len(self.standby))]
+            if want:
+                self._epoch(t, "up")
         if now < self.busy_until_s:
             return
-        d = policy_mod.decide(contexts, self.capacity, self.state, now, self.cfg)
+        d = policy_mod.decide(contexts, self.capacity, self.state, now, self.cfg, self.fit, per_base)
         self.state = d.state
         plan = pool_plan.plan_membership(d.target, self.members, self.draining, seqs)
         self.draining -= set(plan.revive)
         if plan.add:
+            # Standby members join at once (the tick awaits their epoch); cold ones start in the
+            # background (PoolController._grow) and join when up, the tick going on meanwhile.
             take, self.standby = self.standby[: plan.add], self.standby[plan.add:]
-            cold = [self._new_id() for _ in range(plan.add - len(take))]
-            delay = self.costs.cold_start_s if cold else self.costs.warm_start_s
-            self.starting.append((now + delay, take + cold))
-            self.busy_until_s = now + delay  # the tick awaits the new epoch
+            if take:
+                self.starting.append((now + self.costs.warm_start_s, take))
+                self.busy_until_s = now + self.costs.warm_start_s
+            starting = sum(len(ids) for _, ids in self.starting)
+            cold = [self._new_id() for _ in range(plan.add - starting)]
+            if cold:
+                self.starting.append((now + self.costs.cold_start_s, cold))
             self._refill(now)
         self.draining |= set(plan.drain)
         idle = pool_plan.removable(self.draining, seqs)
@@ -146,6 +166,7 @@ class Outcome:
     pool_trace: list[tuple[float, int, int]]  # (time, pool GPUs held, longest context in flight)
     scale_events: dict[str, int]
     pool_sizes: list[tuple[float, int]]  # (time, members) after each epoch change
+    fits: list[StepFit] = field(default_factory=list)  # the online fits, in order
 
 
 def replay(setup: Setup, trace: list[Request], costs: StepCosts, tail_s: float = 600.0) -> Outcome:
@@ -177,8 +198,9 @@ def replay(setup: Setup, trace: list[Request], costs: StepCosts, tail_s: float =
             _admit(b, b_id, now, t1, setup, costs, active, threshold, member_used, member_quota,
                    ctl.capacity if elastic else setup.static_pool, elastic)
         loads = _member_loads(bases)
+        steps: list[StepSample] = []
         for b in bases:
-            _advance(b, now, t1, setup, costs, loads, member_used, setup.num_bases)
+            _advance(b, now, t1, setup, costs, loads, member_used, steps)
         # the controller's tick: what the bases report, then the policy and the membership plan
         contexts = [s.context for b in bases for s in (*b.waiting, *b.running)]
         if elastic:
@@ -187,7 +209,7 @@ def replay(setup: Setup, trace: list[Request], costs: StepCosts, tail_s: float =
                 for s in b.running:
                     for m in s.members:
                         counts[m] = counts.get(m, 0) + 1
-            ctl.tick(t1, contexts, counts)
+            ctl.tick(t1, contexts, counts, [[s.context for s in (*b.waiting, *b.running)] for b in bases], steps)
             pool_gpus = ctl.gpus()
         else:
             pool_gpus = setup.static_pool
@@ -201,7 +223,7 @@ def replay(setup: Setup, trace: list[Request], costs: StepCosts, tail_s: float =
     queued = sum(1 for s in seqs if s.admitted_s > s.req.arrival_s + 1e-9)
     events = ctl.events if elastic else {"up": 0, "down": 0}
     sizes = ctl.sizes if elastic else [(0.0, setup.static_pool)]
-    return Outcome(setup, seqs, refused, queued, gpu_s, now, trace_out, events, sizes)
+    return Outcome(setup, seqs, refused, queued, gpu_s, now, trace_out, events, sizes, ctl.fits if elastic else [])
 
 
 def _admit(b: Base, b_id: int, now: float, t1: float, setup: Setup, costs: StepCosts, active: list[int],
@@ -247,9 +269,10 @@ def _member_loads(bases: list[Base]) -> dict[int, float]:
 
 
 def _advance(b: Base, now: float, t1: float, setup: Setup, costs: StepCosts, loads: dict[int, float],
-             member_used: dict, num_bases: int) -> None:
+             member_used: dict, steps: list[StepSample]) -> None:
     """Decode steps in the gaps between this tick's prefills, each prefill no earlier than its
-    admission; one step time per base and tick, from the batch at the tick's start."""
+    admission; one step time per base and tick, from the batch at the tick's start. `steps` gets
+    what the base's step log would hold: each prefill, and the tick's decode step once."""
     t = now + b.carry_s
     live = [s for s in b.running if s.done_s < 0]
     if not live:
@@ -258,11 +281,16 @@ def _advance(b: Base, now: float, t1: float, setup: Setup, costs: StepCosts, loa
     members = {m for g in {s.members for s in live} for m in g}
     own = sum((s.req.prompt + s.generated) / (len(s.members) + 1) for s in live)
     kv = max([own, *(loads.get(m, 0.0) for m in members)])
-    step = costs.decode_s(len(live), kv, max(len(s.members) for s in live), setup.tp)
+    num_members = max(len(s.members) for s in live)
+    step = costs.decode_s(len(live), kv, num_members, setup.tp)
+    contexts = [s.req.prompt + s.generated for s in live]
+    steps.append(StepSample("decode", len(live), len(live), own, sum(contexts), max(contexts), num_members, step))
     decoding = [s for s in live if s.first_s >= 0 and s.generated < s.req.output]
     for s in sorted((s for s in live if s.prefill_left_s > 0), key=lambda s: s.admitted_s):
         t = _decode(decoding, t, s.admitted_s, step, at_least_one=False)
         t = max(t, s.admitted_s) + s.prefill_left_s
+        steps.append(StepSample("prefill", 1, s.req.prompt, 0.0, s.req.prompt, s.req.prompt, len(s.members),
+                                s.prefill_left_s))
         s.prefill_left_s, s.first_s, s.generated = 0.0, t, 1
         if s.req.output > 1:
             decoding.append(s)

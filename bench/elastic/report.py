@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.docs import put_section
+from fapool.policy import PolicyConfig
 
 START, END = "<!-- bench.elastic start -->", "<!-- bench.elastic end -->"
 
@@ -95,33 +96,54 @@ def recommend(result: dict) -> str:
     if best:
         text += (f" One setting for all four: **`--pool-curve {best['curve']} --pool-cooldown-s {best['cooldown_s']:g}`** "
                  f"(within the static 32 pool's p99 TPOT everywhere, fewest GPU-seconds in total).")
-    text += (" Recommendation: keep the default curve in `fapool/policy.py` for now. The tuned curve wins "
-             "here because the fitted member cost makes every pooled step slower, so the best pool is the "
-             "smallest one that still gives long prompts KV room; that rests on d extrapolated from 1 to 3 "
-             "members. Use the tuned curve where GPU-seconds matter, and measure a decode step at 8 and 32 "
-             "members before changing the default.")
+    text += (" The fixed curves are kept as an explicit policy (`--pool-policy curve`); the default is the SLO "
+             "policy, which needs no tuning per workload: it sizes the pool from the bases' measured steps, so "
+             "when a member does pay (a cheaper exchange than this fit's, see above) it grows the pool without a new curve.")
     return text
 
 
 def answer(result: dict) -> str:
-    """The headline at the tuning load: default and tuned against the static 32-GPU pool."""
+    """The headline at the tuning load: the default against static 32, static 0 and the best curve."""
     top = str(max(float(k) for w in result["workloads"].values() for k in w["loads"]))
-    ds = [w["loads"][top] for w in result["workloads"].values()]
-    default = [d["saving_vs_static32"] for d in ds]
-    tuned = [d["best_saving_vs_static32"] for d in ds if d["best"]]
-    zero_wins = sum(r["name"] == "static pool 0" and r["gpu_seconds"] <= min(x["gpu_seconds"] for x in d["rows"] + d["tuning"])
-                    for d in ds for r in d["rows"])
-    txt = (f"**Answer ({float(top):.0%} load, every figure with the fit error above):** the default curve saves "
-           f"{min(default):+.0%} to {max(default):+.0%} GPU-seconds against a static 32-GPU pool: a long prompt "
-           f"is in flight nearly all the time, so it holds about 32 members anyway, and its p99 TPOT is the static "
-           f"pool's.")
-    if tuned:
-        txt += (f" The tuned setting below uses {min(tuned):.0%} to {max(tuned):.0%} fewer GPU-seconds than the "
-                f"static 32 pool at a lower p99 TPOT on {len(tuned)} of {len(ds)} workloads, past the 30% goal; "
-                f"but the bar is low: under this fit every pooled step is slower, a static pool of 0 has the fewest "
-                f"GPU-seconds on {zero_wins} of {len(ds)} workloads (it queues and refuses more where long prompts "
-                f"crowd a base), and static TP has the lowest TPOT everywhere (its ratios favour it: see above).")
-    return txt
+    parts, ok = [], 0
+    for name, w in result["workloads"].items():
+        d = w["loads"][top]
+        rows = {r["name"]: r for r in d["rows"]}
+        fa, s32 = d["rows"][0], rows["static pool 32"]
+        best = d["best"]
+        meets = (d["saving_vs_static32"] >= 0.30 and fa["tpot_p99_ms"] <= s32["tpot_p99_ms"]
+                 and (best is None or fa["gpu_seconds"] <= best["gpu_seconds"]))
+        ok += meets
+        parts.append(f"{name}: {d['saving_vs_static32']:.0%} fewer GPU-seconds than static 32 at p99 TPOT "
+                     f"{fa['tpot_p99_ms']:.1f} against {s32['tpot_p99_ms']:.1f} ms"
+                     + (f", {fa['gpu_seconds']:.0f} against the best curve's {best['gpu_seconds']:.0f}" if best else ""))
+    return (f"**Answer ({float(top):.0%} load, every figure with the fit error above):** the default settings "
+            f"(`--pool-policy slo`, {PolicyConfig().tpot_slo_ms:g} ms TPOT, {PolicyConfig().ttft_slo_ms:g} ms TTFT) "
+            f"meet the goal (>= 30% fewer GPU-seconds than static 32 at a p99 TPOT no worse, no more than "
+            f"the best fixed curve) on {ok} of {len(result['workloads'])} workloads: " + "; ".join(parts) + ". "
+            "Why: under this fit a member costs more per step than it saves, so the policy, which learns that "
+            "from the pooled steps it tries, keeps the pool near empty: it lands next to static 0, which is "
+            "the point. The 30% goal against static 32 is easy here because static 32 is the slowest "
+            "arrangement in this model, not because the pool pays.")
+
+
+def online_fits(result: dict) -> str:
+    """What the default policy's own fit learned in each replay, and how far off it was."""
+    parts = []
+    for name, w in result["workloads"].items():
+        for lf, d in w["loads"].items():
+            f = d["rows"][0].get("online_fit")
+            if not f or f["decode_error"] is None:
+                continue
+            a, b, c, dd = f["decode"]
+            parts.append(f"{name} at {float(lf):.0%}: median error {f['decode_error']:.1%} (worst refit "
+                         f"{f['decode_error_max_over_refits']:.1%}) over {f['decode_samples']} decode steps, "
+                         f"{f['decode_pooled_samples']} of them pooled, d = {dd * 1e3:.2f} ms")
+    return ("**The online fit** (`fapool/costfit.py`, the same code the controller refits every 5 s from the "
+            "bases' step logs and exports as `fapool_cost_fit_error`): here it fits the replay's own steps, "
+            "which the cost model above generates, so its error measures how well the policy's simple form "
+            "(one decode step a base per tick, members' shared load left out) tracks them, not the GPU. "
+            + "; ".join(parts) + ". Where no step used the pool, d keeps its optimistic prior of 0.")
 
 
 def section(result: dict) -> str:
@@ -155,19 +177,19 @@ def section(result: dict) -> str:
                  for r in fit.get("engine_check", [])) +
              ". So read TPOTs as relative between policies; the pool's exchange cost d is the same kind of "
              "eager-era figure and was not re-measured.", ""]
-    lines += [answer(result), ""]
+    lines += [answer(result), "", online_fits(result), ""]
     for name, w in result["workloads"].items():
         lines += [f"### {name}", "", f"Parameters: `{w['params']}`, seed {w['seed']}, {w['duration_s']:.0f} s of arrivals "
                   f"(replay took {w['replay_wall_s']:.0f} s on CPU). Plot: `docs/elastic-{name}.png`.", ""]
         for lf, d in w["loads"].items():
             lines += [f"{float(lf):.0%} load of the bases: {d['rate_per_s']:.1f} requests/s, {d['requests']} requests.", "",
-                      "| policy | GPU-s | mean GPUs | TPOT p50 ms | TPOT p99 ms | TTFT p99 s | queued | refused | scale events/h |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| policy | GPU-s | mean GPUs | TPOT p50 ms | TPOT p99 ms | TTFT p99 s | short TTFT p99 s | queued | refused | scale events/h |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             rows = d["rows"] + ([d["best"] | {"name": "tuned: " + d["best"]["name"]}] if d["best"] else [])
             for r in rows:
                 lines.append(f"| {r['name']} | {r['gpu_seconds']:.0f} | {r['mean_gpus']:.1f} | {_f(r['tpot_p50_ms'])} | "
-                             f"{_f(r['tpot_p99_ms'])} | {_f(r['ttft_p99_s'], '{:.2f}')} | {r['queued']} | {r['refused']} | "
-                             f"{r['scale_events_per_hour']:.0f} |")
+                             f"{_f(r['tpot_p99_ms'])} | {_f(r['ttft_p99_s'], '{:.2f}')} | {_f(r.get('ttft_p99_short_s'), '{:.2f}')} | "
+                             f"{r['queued']} | {r['refused']} | {r['scale_events_per_hour']:.0f} |")
             s32 = next(r for r in d["rows"] if r["name"] == "static pool 32")
             fa = d["rows"][0]
             verdict = ("at a p99 TPOT no worse" if fa["tpot_p99_ms"] <= s32["tpot_p99_ms"] else

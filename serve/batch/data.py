@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pandas as pd
 import ray
@@ -98,9 +99,38 @@ def run_pipeline(input_path: str, output_path: str, *, cluster_name: str, worker
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_kwargs={"cluster_name": cluster_name, "concurrency": concurrency,
                                                "retry_s": retry_s, "tally": tally})
-    # A local directory was checked to hold only an earlier run's results; a URI, to be new.
-    mode = ray.data.SaveMode.ERROR if "://" in output_path else ray.data.SaveMode.OVERWRITE
-    ds.write_json(output_path, mode=mode, ray_remote_args={"num_cpus": IO_CPUS})
+    # A new folder (a URI checked to be new, or the run's own staging folder): never Ray Data's
+    # OVERWRITE, which deletes the whole directory tree first.
+    ds.write_json(output_path, mode=ray.data.SaveMode.ERROR, ray_remote_args={"num_cpus": IO_CPUS})
+
+
+# Ray Data's detached helper actors (named, in namespaces of their own), which outlive the job.
+RAY_DATA_HELPERS = {("_dataset_stats_actor", "datasets_stats_actor"),
+                    ("_dataset_stats_summary_actor", "dataset_stats_summary_actor"),
+                    ("AutoscalingCoordinator", "AutoscalingCoordinator"),
+                    ("AutoscalingRequester", "AutoscalingRequester"),
+                    ("DataUsageCollectionActor", "DataUsageCollectionActor"),
+                    ("ActorLocationTracker", "ActorLocationTracker")}
+
+
+def _named_actors() -> set[tuple[str, str]]:
+    return {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+
+
+@contextmanager
+def ray_data_helpers_removed(owned_ray: bool) -> Iterator[None]:
+    """On exit, kill the Ray Data helpers that this run created in a cluster it joined (those that
+    were there before belong to someone else, and a Ray this job started ends with it anyway)."""
+    before = set() if owned_ray else _named_actors()
+    try:
+        yield
+    finally:
+        if not owned_ray:
+            for namespace, name in (_named_actors() - before) & RAY_DATA_HELPERS:
+                try:
+                    ray.kill(ray.get_actor(name, namespace=namespace))
+                except ValueError:  # gone meanwhile
+                    pass
 
 
 def summary_counts(totals: dict[str, int]) -> dict[str, Any]:

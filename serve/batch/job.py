@@ -7,8 +7,9 @@ Data can read and write (`s3://bucket/key`, `gs://...`, a shared filesystem's pa
 of several nodes a local path must be on a filesystem every node mounts. A relative path is
 refused: under `ray job submit --working-dir` the job runs in a copy of the working directory
 inside Ray's cache, where a relative path would silently land. The output directory is created
-if needed; the `*.json` files of an earlier run there are replaced (a local directory that holds
-anything else is refused). An output URI must not exist yet: remote data is never replaced.
+if needed and must be empty, new, or hold an earlier run of this job (serve/batch/output.py): a
+finished run is never replaced, an interrupted one is started again, anything else is refused.
+An output URI must not exist yet: remote data is never replaced.
 Where the output went is printed at the end, and is `output` in the summary.
 
 Input lines: the body of `POST /generate` (`{"prompt": str}` or `{"prompt_token_ids": [int]}`,
@@ -41,6 +42,7 @@ import threading
 import time
 from typing import Any
 
+from serve.batch.output import begin, check_output, finish
 from serve.batch.watch import PoolWatcher
 from serve.options import ClusterOptions, add_flags, options_from
 
@@ -64,14 +66,7 @@ def check_local_paths(input_path: str, output_path: str) -> None:
     if "://" in output_path:
         check_new_uri(output_path)
         return
-    if not os.path.exists(output_path):
-        return
-    if not os.path.isdir(output_path):
-        raise ValueError(f"--output {output_path!r} is a file; give a directory for the result files")
-    other = [n for n in os.listdir(output_path) if not n.endswith(".json")]
-    if other:
-        raise ValueError(f"--output {output_path!r} holds files other than an earlier run's *.json "
-                         f"(e.g. {other[0]!r}); give an empty or new directory")
+    check_output(output_path)  # serve/batch/output.py: what a local output directory may hold
 
 
 def check_new_uri(uri: str) -> None:
@@ -172,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from actors.config import CONTROLLER_NAME
-    from serve.batch.data import Tally, run_pipeline, summary_counts
+    from serve.batch.data import Tally, ray_data_helpers_removed, run_pipeline, summary_counts
 
     t0 = time.monotonic()
+    ray_started_here = not (args.address or os.environ.get("RAY_ADDRESS"))
     cluster, owned = open_cluster(args, cfg)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # after ray.init, which installs its own
     stop = threading.Event()
@@ -183,11 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         tally = Tally.remote()
         progress = threading.Thread(target=show_progress, args=(tally, count_lines(args.input), stop), daemon=True)
         progress.start()
-        with PoolWatcher(cluster) as watcher:
+        local = "://" not in args.output
+        if local and check_output(args.output) == "finish":
+            print(f"serve.batch: {args.output} holds an incomplete run; removing what it wrote and starting again",
+                  file=sys.stderr)
+        target = begin(args.output, args.input) if local else args.output
+        with PoolWatcher(cluster) as watcher, ray_data_helpers_removed(ray_started_here):
             t1 = time.monotonic()
-            run_pipeline(args.input, args.output, cluster_name=CONTROLLER_NAME, workers=args.workers,
+            run_pipeline(args.input, target, cluster_name=CONTROLLER_NAME, workers=args.workers,
                          concurrency=args.concurrency, retry_s=args.retry_s, tally=tally)
             wall_s = time.monotonic() - t1
+        if local:
+            finish(args.output, target)
         stop.set()
         progress.join()
         summary = summary_counts(ray.get(tally.totals.remote()))

@@ -8,16 +8,22 @@ from fastapi.responses import HTMLResponse, Response
 
 from serve.errors import error_response
 from serve.history import history
+from serve.liveness import Liveness
 from serve.service import current
 
 router = APIRouter()
 
 
+_liveness = Liveness()
+
+
 @router.get("/health")
 async def health():
-    """Live while some base actor can generate (as vLLM's is while its engine is); the bases
-    restart by themselves, so a 503 here is an outage worth a page, not a reason to restart."""
-    if current().alive():
+    """Live while some base actor can generate (as vLLM's is while its engine is), asked now
+    (serve/liveness.py); the bases restart by themselves, so a 503 here is an outage worth a page,
+    not a reason to restart."""
+    sup = current().supervisor
+    if await _liveness.any_live(list(sup.bases), list(sup.healthy)):
         return {"status": "ok"}
     return error_response(503, "no base actor is alive (all dead or restarting)", "unhealthy")
 

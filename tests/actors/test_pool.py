@@ -203,7 +203,7 @@ def test_a_fragmented_member_never_breaks_the_group(start_cluster):
     ref = LLMEngine(EngineConfig(model="tiny", device="cpu"))
     assert got_d.token_ids == ref.generate([d], GREEDY)[0].token_ids
     for name in "AC":
-        tokens = [t for ev in results[name] for t in ev.token_ids]
+        tokens = [t for ev in results[name] for t in ev.new_token_ids]
         assert tokens == list(ref.generate([ids[name]], params)[0].token_ids), name
     assert cluster.status().epoch == epoch  # no group was broken and formed again
     assert pooled_total(cluster) == 3  # D ran on the base alone

@@ -1,7 +1,7 @@
 """A base actor's stream item carries every step already waiting, each still one event per step."""
 import asyncio
 
-from actors.streams import drain as _drain
+from actors.streams import take_waiting
 from fapool.sequence import RequestOutput
 
 
@@ -17,7 +17,7 @@ def test_drain_takes_every_waiting_event_of_every_request_each_one_step():
         q.put_nowait(_out("r", (3,), "length"))
         q.put_nowait(_out("other", (9,)))  # a feed carries many requests: read past a finish
         first = await q.get()
-        return _drain(first, q), q.qsize()
+        return take_waiting(first, q), q.qsize()
 
     batch, left = asyncio.run(run())
     assert [(ev.request_id, ev.new_token_ids) for ev in batch] == [("r", (0,)), ("r", (1,)), ("r", (2,)),

@@ -31,8 +31,11 @@ class Driver:
         import ray
 
         self.ray = ray
+        from actors.ray_node import use_loopback
+
         if ray.is_initialized():  # an earlier test's in-process Ray: this driver joins the server's
             ray.shutdown()
+        use_loopback()  # the server's Ray listens on loopback only
         ray.init(address=ray_address(server), namespace=NAMESPACE, logging_level="ERROR",
                  log_to_driver=False)
 

@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags: str, api_key: str | None = None) -> None:
+    def __init__(self, *flags: str, api_key: str | None = None, env: dict[str, str | None] | None = None) -> None:
         self.api_key = api_key
+        self.env = env or {}  # overrides of the test environment; None removes a variable
         for attempt in range(3):
             self._start(flags)
             try:
@@ -43,6 +44,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS", None)
+        env.update({k: v for k, v in self.env.items() if v is not None})
+        for k in [k for k, v in self.env.items() if v is None]:
+            env.pop(k, None)
         self.log = open(f"/tmp/fapool-serve-{self.port}.log", "w")
         args = [str(FAPOOL), "serve", "--port", str(self.port), "--device", "cpu", *flags]
         if self.api_key:

@@ -199,3 +199,51 @@ def test_batch_job_joins_a_running_controller(ray_head):
     assert_matches(out2, requests, want)
     assert sorted(alive_fapool_actors(ray_head["dashboard"])) == ["AttentionPoolActor", "BaseActor", "PoolController"]
     print(f"joining job {job_s:.1f}s, summary {second}")
+
+
+@pytest.mark.slow
+def test_a_job_killed_midway_is_marked_incomplete_and_a_rerun_finishes_it(ray_head):
+    import os
+    import signal
+    import subprocess
+
+    from serve.batch.output import MARKER, read_marker
+    from tests.helpers.ray_head import RAY, REPO, subprocess_env
+
+    in_path = Path(tempfile.mkstemp(suffix=".jsonl", dir=ray_head["temp_dir"])[1])
+    out_dir = in_path.with_suffix(".out")
+    lines = [json.dumps({"id": f"q{i}", "prompt_token_ids": [3 + i % 200, 7], "max_tokens": 48, "ignore_eos": True})
+             for i in range(300)]
+    in_path.write_text("\n".join(lines) + "\n")
+    cmd = [RAY, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"},
+                                             "excludes": [".git", ".venv", ".pytest_cache", "**/__pycache__"]}),
+           "--", "python", "-m", "serve.batch", "--input", str(in_path), "--output", str(out_dir), "--device", "cpu"]
+    job = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out_dir / MARKER).exists():  # the run has claimed the folder and is writing
+            assert time.monotonic() < deadline and job.poll() is None, "the job never started its run"
+            time.sleep(0.2)
+        time.sleep(3)
+        pids = subprocess.run(["pgrep", "-f", f"serve.batch --input {in_path}"], capture_output=True,
+                              text=True).stdout.split()
+        assert pids, "no driver process to kill"
+        for pid in pids:
+            os.kill(int(pid), signal.SIGKILL)  # kill -9: nothing of the job's own cleanup runs
+        job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    marker = read_marker(str(out_dir))
+    assert marker["state"] == "incomplete", marker
+    assert not list(out_dir.glob("*.json")), "a killed run's files must not look like results"
+    # The same command again: it says so, removes what the killed run wrote, and finishes.
+    res = ray_job(ray_head, "serve.batch", "--input", str(in_path), "--output", str(out_dir), "--device", "cpu")
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-5000:]
+    assert "holds an incomplete run" in log
+    records = read_output(out_dir)
+    assert [r["id"] for r in records] == [f"q{i}" for i in range(300)] and all(r["error"] is None for r in records)
+    assert read_marker(str(out_dir))["state"] == "complete"
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".json")) == [MARKER]  # no staging left

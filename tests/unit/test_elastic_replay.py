@@ -26,17 +26,17 @@ def test_the_controller_and_the_replay_call_the_same_functions():
 
 
 def test_replacing_the_membership_plan_changes_the_replay(monkeypatch):
-    before = replay(Setup("fa", PolicyConfig()), LONG, COSTS)
+    before = replay(Setup("fa", PolicyConfig(mode="curve")), LONG, COSTS)
     assert max(n for _, n in before.pool_sizes) == 32
     monkeypatch.setattr(fapool.pool_plan, "plan_membership", lambda *a: MembershipPlan())
-    after = replay(Setup("fa", PolicyConfig()), LONG, COSTS)
+    after = replay(Setup("fa", PolicyConfig(mode="curve")), LONG, COSTS)
     assert [n for _, n in after.pool_sizes] == [0] and after.gpu_seconds < before.gpu_seconds
 
 
 def test_replacing_the_policy_changes_the_replay(monkeypatch):
     real = fapool.policy.decide
-    monkeypatch.setattr(fapool.policy, "decide", lambda c, cap, prev, now, cfg: real(c, 5, prev, now, cfg))
-    capped = replay(Setup("fa", PolicyConfig()), LONG, COSTS)
+    monkeypatch.setattr(fapool.policy, "decide", lambda c, cap, prev, now, cfg, *a: real(c, 5, prev, now, cfg, *a))
+    capped = replay(Setup("fa", PolicyConfig(mode="curve")), LONG, COSTS)
     assert max(n for _, n in capped.pool_sizes) == 5
 
 
@@ -48,7 +48,7 @@ def test_plan_revives_before_adding_and_drains_the_least_loaded_newest():
 
 
 def test_the_pool_waits_the_cold_start_then_drains_after_the_cooldown():
-    cfg = PolicyConfig(curve=PoolCurve.parse("16384:8,32768:16"), cooldown_s=10.0)
+    cfg = PolicyConfig(mode="curve", curve=PoolCurve.parse("16384:8,32768:16"), cooldown_s=10.0)
     o = replay(Setup("fa", cfg), [Request(1.0, 20000, 100)], COSTS)
     (t_up, n_up), (t_down, n_down) = o.pool_sizes[1:]
     assert n_up == 9 and n_down == 0  # 8 + (16 - 8) * 3616 // 16384
@@ -90,8 +90,22 @@ def test_the_report_has_a_table_per_load_and_leaves_other_sections_alone(tmp_pat
     write_docs(result, tmp_path)  # idempotent: one section, replaced in place
     text = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert text.startswith(other) and text.count(START) == 1 and "stale text" not in text
-    for name in ("FA Pool (default curve)", "static pool 0", "static pool 32", "static TP4"):
+    for name in ("FA Pool (default)", "static pool 0", "static pool 32", "static TP4"):
         assert text.count(f"| {name}") == 2  # one row at each load
     assert text.count("against the static 32-GPU pool") == 2 and "fit error" in text
     assert (tmp_path / "docs" / "elastic-bursty.png").stat().st_size > 10_000
     assert len(w["loads"]["0.8"]["tuning"]) == 10 and not w["loads"]["0.5"]["tuning"]
+
+
+def test_the_default_slo_policy_learns_the_member_cost_online_and_gives_the_pool_back():
+    # 60K prompts on one base, a 12 ms TPOT target the base alone misses: the optimistic prior
+    # (members free) tries the pool, the pooled steps teach the fit what a member costs (the
+    # replay's own d), and after the cooldown the pool goes back to the size that pays: none.
+    trace = [Request(1.0 + 2 * i, 60000, 1000) for i in range(40)]
+    o = replay(Setup("slo", PolicyConfig(tpot_slo_ms=12.0, cooldown_s=5.0), num_bases=1), trace, COSTS)
+    fit = o.fits[-1]
+    assert fit.decode_pooled_samples > 0 and fit.decode[3] == pytest.approx(COSTS.model.d, rel=1e-3)
+    assert fit.decode_error is not None and fit.decode_error < 0.01  # the replay's steps follow the model
+    assert o.pool_sizes[-1][1] == 0 and o.scale_events == {"up": 1, "down": 1}
+    static32 = replay(Setup("s32", static_pool=32, num_bases=1), trace, COSTS)
+    assert o.gpu_seconds < 0.7 * static32.gpu_seconds
