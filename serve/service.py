@@ -222,6 +222,17 @@ class InferenceService:
                 self._snap = snap
         return self._snap
 
+    def pool_state(self) -> str:
+        """The pool's state from the latest snapshot (refreshed in the background when old):
+        "recovering" while the controller does not answer, else what it says (PoolStatus.state)."""
+        age = time.time() - self._snap.time_s
+        if age >= self.limits.snapshot_max_age_s and not self._snap_lock.locked():
+            self._refresh = asyncio.get_running_loop().create_task(self.snapshot())  # kept: tasks are weak
+        if self._snap.status is None:
+            return "starting"
+        stale = age > 2 * self.limits.snapshot_max_age_s + self.limits.status_timeout_s
+        return "recovering" if stale else self._snap.status.state
+
     async def ready(self) -> bool:
         """A base can generate and the server is not shutting down; never waits on an engine."""
         return self.alive() and not self.draining()
@@ -242,7 +253,7 @@ class InferenceService:
             "latency": self.metrics.window.summary(),
             "prefix_cache": prefix_cache_summary(self.cfg.engine.prefix_caching, snap.bases),
             "events": [e.__dict__ for e in (st.events if st else ())][::-1][:100][::-1],
-            **pool_policy_json(pol, st),
+            **pool_policy_json(pol, st), "state": self.pool_state(),
         }
 
 

@@ -177,7 +177,14 @@ def section(result: dict) -> str:
                  for r in fit.get("engine_check", [])) +
              ". So read TPOTs as relative between policies; the pool's exchange cost d is the same kind of "
              "eager-era figure and was not re-measured.", ""]
-    lines += [answer(result), "", online_fits(result), ""]
+    lines += [answer(result), "", online_fits(result), "",
+              "**What is measured and what is modelled:** measured on GPUs: the step times the cost model "
+              "is fitted on (4 x H200, pools of 0, 1 and 3 members, an eager engine), the cold start and the "
+              "warm-standby scale event. Modelled: everything at 8 bases and up to 32 members (the member cost "
+              "d extrapolated from 3 members), the queueing, and the default policy's own online fit, which "
+              "here learns from the replayed (modelled) steps. A fit on 8- and 32-member steps on real GPUs "
+              "waits for a multi-GPU machine; `python -m bench.scaleup` measures the scale-up time on one GPU.",
+              ""]
     for name, w in result["workloads"].items():
         lines += [f"### {name}", "", f"Parameters: `{w['params']}`, seed {w['seed']}, {w['duration_s']:.0f} s of arrivals "
                   f"(replay took {w['replay_wall_s']:.0f} s on CPU). Plot: `docs/elastic-{name}.png`.", ""]

@@ -24,7 +24,7 @@ async def health():
     not a reason to restart."""
     sup = current().supervisor
     if await _liveness.any_live(list(sup.bases), list(sup.healthy)):
-        return {"status": "ok"}
+        return {"status": "ok", "pool": current().pool_state()}  # the pool's state (pool owner's field)
     return error_response(503, "no base actor is alive (all dead or restarting)", "unhealthy")
 
 
