@@ -51,7 +51,7 @@ def test_mid_page_divergence_and_sharers_in_one_batch(engines):
     want = [c.token_ids for c in cold.generate(prompts, SP)]
     assert got[0].cached_tokens == 10_000 // 128 * 128
     assert all(c.cached_tokens == 20_000 // 128 * 128 for c in got[1:])
-    assert warm.step_graphs is not None and warm.step_graphs._sets  # captured decode steps ran
+    assert warm.runner.step_graphs is not None and warm.runner.step_graphs._sets  # captured decode steps ran
     # Chunks cut at other rows round differently in bf16: allow a late flip, never an early one.
     for c, w in zip(got, want):
         assert c.token_ids[:6] == w[:6]
