@@ -41,7 +41,9 @@ from fapool.graphs import BUCKETS
 POINTS = {"cuda": [(16384, 1), (65536, 8), (1024, 64), (4096, 64)], "cpu": [(256, 1), (512, 4), (128, 16)]}
 
 
-def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: int) -> dict:
+def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: int, then=None) -> dict:
+    """TPOT at `context` x `batch`; `then()`, if given, runs after the timed steps while the batch
+    still decodes (bench.peer profiles there) and its result is kept under "then"."""
     vocab = engine.loaded.config.vocab_size
     # Long enough that no stream ends while later ones are still prefilled (chunked prefill lets
     # the first sequences decode meanwhile).
@@ -60,12 +62,13 @@ def decode_point(engine: LLMEngine, context: int, batch: int, steps: int, seed: 
         kv.append(statistics.mean(s.end for s in r.batch.slices))
     if os.environ.get("FAPOOL_BENCH_PROFILE"):
         profiled(lambda: [engine.step() for _ in range(4)], f"{context}x{batch}, 4 steps", kernels=True)
+    extra = then() if then is not None else None
     for r in rids:
         engine.abort(r)
     # The floor counts the KV rows the steps really read (the prompt plus the tokens decoded so far).
     return {"context": context, "batch": batch, "kv_rows": round(statistics.mean(kv)),
             "tpot_ms": 1e3 * statistics.median(times), "tpot_p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))],
-            "host_launch_ms": 1e3 * statistics.median(launch)}
+            "host_launch_ms": 1e3 * statistics.median(launch), **({"then": extra} if then is not None else {})}
 
 
 def ttft(engine: LLMEngine, n: int, seed: int) -> float:

@@ -101,7 +101,7 @@ def chat(eng, convs: int, turns: int, system: int, question: int, answer: int, v
             return list(state["history"])
         return next_prompt
 
-    return drive(eng, [client(c) for c in range(convs)], answer)
+    return {**drive(eng, [client(c) for c in range(convs)], answer), "conversations": convs}
 
 
 def no_reuse(eng, requests: int, concurrency: int, prompt: int, out: int, vocab: int, seed: int) -> dict:
@@ -192,20 +192,6 @@ class VllmEngine:
         return {"vllm": vllm.__version__}
 
 
-def hf_config(model: str) -> dict:
-    from fapool.config import PRESETS
-
-    c = PRESETS[model]
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
-            "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids), "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": c.dtype}
-
-
 def run_side(a: argparse.Namespace, side: str, prefix: bool, cfg_json: str | None) -> dict:
     t0 = time.perf_counter()
     if side == "vllm":
@@ -220,7 +206,10 @@ def run_side(a: argparse.Namespace, side: str, prefix: bool, cfg_json: str | Non
 def vllm_child(a: argparse.Namespace, prefix: bool, work: Path) -> dict | None:
     """One vLLM engine in a process of its own, vLLM's packages alone on its path."""
     cfg, res = work / "hf_config.json", work / f"vllm_{int(prefix)}.json"
-    cfg.write_text(json.dumps(hf_config(a.model)))
+    from bench.peer_vllm import hf_config
+    from fapool.config import PRESETS
+
+    cfg.write_text(json.dumps(hf_config(PRESETS[a.model])))
     # By path, not -m: the child's path is vLLM's packages and nothing of this tree but this file.
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "vllm", "--child-prefix", str(int(prefix)),
             "--child-config", str(cfg), "--child-out", str(res), *a.passthrough]
@@ -241,7 +230,7 @@ def table(results: list[dict]) -> str:
         rows.append((f"TTFT {int(n) / 1024:g}K doc, new question ms", [r["long_document"][n]["cached_ms"] for _, r in cols]))
         rows.append(("  cached / uncached", [r["long_document"][n]["cached_ms"] / r["long_document"][n]["uncached_ms"]
                                               for _, r in cols]))
-    rows.append(("chat x64 tokens/s", [r["chat"]["tokens_per_s"] for _, r in cols]))
+    rows.append((f"chat x{results[0]['chat']['conversations']} tokens/s", [r["chat"]["tokens_per_s"] for _, r in cols]))
     rows.append(("no reuse tokens/s", [r["no_reuse"]["tokens_per_s"] for _, r in cols]))
     w = max(len(n) for n, _ in rows) + 2
     lines = ["".ljust(w) + "".join(name.rjust(13) for name, _ in cols)]

@@ -56,11 +56,25 @@ def ms(x: float | None) -> float | None:
     return None if x is None else 1e3 * x
 
 
+# "completions": stream `/v1/completions` (OpenAI-shaped, served by FA Pool and vLLM alike) with
+# MODEL[0] as the model name, and count the tokens from its `usage`; times are then per event.
+ROUTE = ["generate"]
+MODEL = ["paper"]
+
+
+def _body(ids: list[int], max_tokens: int) -> tuple[str, dict]:
+    if ROUTE[0] == "completions":
+        return "/v1/completions", {"model": MODEL[0], "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                                   "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return "/generate", {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                         "stream": True}
+
+
 async def one(client: aiohttp.ClientSession, url: str, ids: list[int], max_tokens: int, headers: dict,
               on_token=None) -> Stream:
-    body = {"prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    route, body = _body(ids, max_tokens)
     st = Stream(time.perf_counter(), time.time())
-    async with client.post(url + "/generate", json=body, headers=headers) as r:
+    async with client.post(url + route, json=body, headers=headers) as r:
         if r.status != 200:
             st.error = f"{r.status}: {(await r.read())[:200]!r}"
             return st
@@ -71,6 +85,14 @@ async def one(client: aiohttp.ClientSession, url: str, ids: list[int], max_token
             ev = json.loads(line[6:])
             if "error" in ev:
                 st.error = ev["error"]["message"]
+                continue
+            if "choices" in ev:  # /v1/completions: an event with text; the count comes with usage
+                if ev.get("usage"):
+                    st.tokens = ev["usage"]["completion_tokens"]
+                if any(c.get("text") for c in ev["choices"]):
+                    st.token_s.append(time.perf_counter())
+                    if on_token is not None:
+                        on_token(st.token_s[-1])
                 continue
             n = len(ev.get("token_ids", ()))
             if n:
@@ -122,7 +144,7 @@ async def load(url: str, concurrency: int, requests: int, prompt_tokens: int, ma
         t0 = time.perf_counter()
         streams = await asyncio.gather(*(run(p) for p in prompts))
         wall = time.perf_counter() - t0
-    ok = [s for s in streams if s.error is None and s.tokens]
+    ok = [s for s in streams if s.error is None and s.tokens and s.token_s]
     ttft = [s.token_s[0] - s.sent_s for s in ok]
     tpot = [(s.token_s[-1] - s.token_s[0]) / (s.tokens - 1) for s in ok if s.tokens > 1]
     e2e = [s.token_s[-1] - s.sent_s for s in ok]
@@ -153,12 +175,13 @@ async def stall(url: str, streams: int, stream_tokens: int, long_tokens: int, he
         alone = await ttft_alone(client, url, long_ids, headers)
         last: dict[int, float] = {}
         gaps: list[float] = []
+        before: list[float] = []  # the same streams' gaps just before the long prompt: their TPOT
         window = [False]
 
         def tick(i: int):
             def on(now: float) -> None:
-                if window[0] and i in last:
-                    gaps.append(now - last[i])
+                if i in last:
+                    (gaps if window[0] else before).append(now - last[i])
                 last[i] = now
             return on
 
@@ -166,6 +189,8 @@ async def stall(url: str, streams: int, stream_tokens: int, long_tokens: int, he
                  for i in range(streams)]
         while len(last) < streams:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        before.clear()
         await asyncio.sleep(0.5)
         window[0] = True
         t0 = time.perf_counter()
@@ -176,6 +201,7 @@ async def stall(url: str, streams: int, stream_tokens: int, long_tokens: int, he
         await asyncio.gather(*tasks, return_exceptions=True)
     return {"streams": streams, "stream_tokens": stream_tokens, "long_tokens": long_tokens,
             "max_gap_ms": ms(max(gaps, default=None)), "gaps_seen": len(gaps),
+            "gap_before_p50_ms": ms(pct(before, 0.5)), "gap_during_p50_ms": ms(pct(gaps, 0.5)),
             "long_ttft_alone_ms": 1e3 * alone, "long_ttft_with_streams_ms": 1e3 * with_streams,
             "window_s": time.perf_counter() - t0}
 

@@ -1,5 +1,6 @@
 """Prefix caching at the edges: usage.prompt_tokens_details.cached_tokens on the OpenAI routes
-(plain and streamed), the hit counters in /metrics, and what /pool says the cache holds."""
+(plain and streamed), the hit counters in /metrics, and what /pool and the dashboard (a real
+headless Chromium, as tests/serve/test_dashboard.py) say the cache holds."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ import random
 import time
 
 import httpx
+
+from tests.serve.test_dashboard import CHROMIUM, CHROMIUM_ARGS
 
 
 def post(url: str, path: str, body: dict) -> httpx.Response:
@@ -63,3 +66,24 @@ def test_chat_reports_cached_tokens_streamed_and_not(fapool_server):
     for usage in (again["usage"], last["usage"]):
         assert usage["prompt_tokens_details"]["cached_tokens"] == (n - 1) // 16 * 16
     assert again["choices"][0]["message"] == first["choices"][0]["message"]
+
+
+def test_the_dashboard_says_what_the_cache_holds(fapool_server):
+    from playwright.sync_api import sync_playwright
+
+    ids = random.Random(31).choices(range(3, 250), k=70)
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    post(fapool_server, "/v1/completions", body)
+    post(fapool_server, "/v1/completions", body)  # a hit: 64 tokens found
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{fapool_server}/dashboard?interval_ms=500")
+            page.wait_for_function("document.querySelector('#prefix-summary').textContent.includes('found')",
+                                   timeout=60_000)
+            summary = page.text_content("#prefix-summary")
+            assert "tokens cached" in summary and not summary.startswith("0 tokens")
+            assert "full KV pages" in page.text_content("#prefix-holds")
+        finally:
+            browser.close()

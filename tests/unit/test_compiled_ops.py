@@ -52,3 +52,17 @@ def test_a_compiled_step_graph_engine_gives_the_same_tokens():
     e = LLMEngine(cfg.replace(torch_compile=True))
     e.use_step_graphs(capture=False)
     assert [c.token_ids for c in e.generate(prompts, params)] == want
+
+
+def test_compiled_rotary_and_swiglu_on_the_layers_strided_views_give_the_same_bits():
+    """The fused projections' output is sliced into views (row stride wider than the row); the
+    compiled chains keep the row length constant, and elementwise work gives eager's exact bits."""
+    ops, g = compiled_ops(), torch.Generator().manual_seed(2)
+    for n in (4, 1, 9):
+        gate, up = torch.randn(n, 96, generator=g).to(torch.bfloat16).chunk(2, dim=-1)
+        assert torch.equal(ops.silu_mul(gate, up), EAGER.silu_mul(gate, up))
+        q, k, _ = torch.randn(n, 128, generator=g).to(torch.bfloat16).split([64, 32, 32], dim=-1)
+        q, k = q.view(n, 4, 16), k.view(n, 2, 16)
+        cos, sin = (torch.randn(n, 1, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+        for a, b in zip(ops.rotary(q, k, cos, sin), EAGER.rotary(q, k, cos, sin)):
+            assert torch.equal(a, b)
