@@ -177,7 +177,7 @@ def section(result: dict) -> str:
                  for r in fit.get("engine_check", [])) +
              ". So read TPOTs as relative between policies; the pool's exchange cost d is the same kind of "
              "eager-era figure and was not re-measured.", ""]
-    lines += [answer(result), "", online_fits(result), "",
+    lines += [answer(result), "", *([result["note"], ""] if result.get("note") else []), online_fits(result), "",
               "**What is measured and what is modelled:** measured on GPUs: the step times the cost model "
               "is fitted on (4 x H200, pools of 0, 1 and 3 members, an eager engine), the cold start and the "
               "warm-standby scale event. Modelled: everything at 8 bases and up to 32 members (the member cost "
