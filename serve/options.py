@@ -10,7 +10,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from actors.config import ClusterConfig
 from fapool.config import ATTENTION_KERNELS, PRESETS, EngineConfig
@@ -83,25 +83,12 @@ class ClusterOptions(BaseModel):
         check_model_dir(v)
         return v
 
-    @field_validator("device")
+    @field_validator("device", "pool_policy", "attention_kernel")
     @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in DEVICES:
-            raise ValueError(f"device={v!r}; use auto, cpu or cuda")
-        return v
-
-    @field_validator("pool_policy")
-    @classmethod
-    def _policy(cls, v: str | None) -> str | None:
-        if v is not None and v not in MODES:
-            raise ValueError(f"{v!r}; use one of {', '.join(MODES)}")
-        return v
-
-    @field_validator("attention_kernel")
-    @classmethod
-    def _kernel(cls, v: str) -> str:
-        if v not in ATTENTION_KERNELS:
-            raise ValueError(f"attention_kernel={v!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+    def _one_of(cls, v: str | None, info: ValidationInfo) -> str | None:
+        choices = {"device": DEVICES, "pool_policy": MODES, "attention_kernel": ATTENTION_KERNELS}[info.field_name]
+        if v is not None and v not in choices:  # pool_policy None: chosen from --pool-curve
+            raise ValueError(f"{info.field_name}={v!r}; use one of {', '.join(choices)}")
         return v
 
     @field_validator("pool_curve")
