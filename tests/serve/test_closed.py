@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from actors import ray_node
+from tests.helpers.raw_http import error_of, read_to_close
 from tests.serve.conftest import FAPOOL, REPO, Server, assert_no_ray_left
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -265,28 +266,20 @@ def http_ports(server) -> dict[str, int]:
 def exchange(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
         c.sendall(data)
-        out = b""
-        while chunk := c.recv(65536):
-            out += chunk
-        return out
-
-
-def error_of(raw: bytes) -> tuple[int, dict]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)["error"]
+        return read_to_close(c)
 
 
 @pytest.mark.parametrize("where", ["direct ingress", "Serve's proxy"])
 def test_http_limits_hold_on_every_port(token_server, where):
     port = http_ports(token_server)[where]
-    status, err = error_of(exchange(port, b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (70 << 10)
+    status, err, _ = error_of(exchange(port, b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (70 << 10)
                                     + b"\r\n\r\n"))
     assert (status, err["code"]) == (431, "headers_too_large")
     t0 = time.monotonic()
-    status, err = error_of(exchange(port, b"GET /health HTTP/1.1\r\nhost: x\r\n"))  # never ends its headers
+    status, err, _ = error_of(exchange(port, b"GET /health HTTP/1.1\r\nhost: x\r\n"))  # never ends its headers
     took = time.monotonic() - t0
     assert (status, err["code"]) == (408, "header_timeout") and took < 2 + 10, took  # --header-timeout-s 2
-    status, err = error_of(exchange(port, b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
+    status, err, _ = error_of(exchange(port, b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
                                           b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"))
     assert (status, err["code"]) == (400, "invalid_http")
     raw = exchange(port, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")  # answered, then closed when idle

@@ -3,7 +3,6 @@ own once the hook is installed (Serve's processes are covered by tests/serve/tes
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -12,6 +11,7 @@ import pytest
 import uvicorn
 
 from serve.http_limits import HttpLimits, JsonErrors, _Uvicorn
+from tests.helpers.raw_http import error_of, read_to_close
 
 LIMITS = HttpLimits(max_header_bytes=8 << 10, header_timeout_s=1.0, keep_alive_s=1, max_connections=4)
 
@@ -50,18 +50,9 @@ def connect(port):
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
-def read_to_close(c) -> bytes:
-    out = b""
-    while chunk := c.recv(65536):
-        out += chunk
-    return out
-
-
 def parsed(raw: bytes) -> tuple[int, dict]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
+    status, err, head = error_of(raw)
     assert b"content-type: application/json" in head.lower(), head
-    err = json.loads(body)["error"]
     assert set(err) == {"message", "type", "param", "code"}
     return status, err
 
