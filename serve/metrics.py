@@ -94,7 +94,7 @@ class _PoolCollector:
         yield GaugeMetricFamily("fapool_requests_waiting", "Requests waiting for admission", value=snap.waiting)
         # A base keeps its share of a member until it hears the member left: only members in the
         # pool now have series, so a drained member's go away at the next scrape.
-        yield from _engine_metrics(snap.bases, set(snap.status.members) if snap.status else set())
+        yield from _engine_metrics(snap.bases, set(snap.status.members) if snap.status else None)
 
 
 PREFIX_CACHE_HOLDS = ("full KV pages of earlier prompts and outputs on each base, keyed by their tokens; "
@@ -111,7 +111,7 @@ def prefix_cache_summary(enabled: bool, bases: list[BaseStats]) -> dict:
             "queries_tokens": queries, "hits_tokens": hits, "hit_rate": hits / queries if queries else 0.0}
 
 
-def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metric]:
+def _engine_metrics(bases: list[BaseStats], members: set[int] | None) -> Iterable[Metric]:
     def family(kind: type, name: str, doc: str, label: str = "base") -> Metric:
         return kind(name, doc, labels=[label])
 
@@ -137,7 +137,8 @@ def _engine_metrics(bases: list[BaseStats], members: set[int]) -> Iterable[Metri
         queries.add_metric(label, e.prefix_queries)
         hits.add_metric(label, e.prefix_hits)
         cached.add_metric(label, e.prefix_cached_tokens)
-        for mid, rows, share in (m for m in b.members_kv if m[0] in members):  # a share of each member's arena
+        # A share of each member's arena; with no pool status yet (None) every member a base names.
+        for mid, rows, share in (m for m in b.members_kv if members is None or m[0] in members):
             member_used[mid] = member_used.get(mid, 0) + rows
             member_total[mid] = member_total.get(mid, 0) + share
     m_used = family(GaugeMetricFamily, "fapool_pool_member_kv_used_tokens", "KV rows held on a pool member", "member")
