@@ -57,6 +57,8 @@ def install_openapi(app: FastAPI) -> None:
                 codes = ["401", "500", "503"]
                 if method in ("post", "put", "patch"):
                     codes += ["400", "408", "413", "429", "504"]
+                elif op.get("parameters"):  # a query or path value that fails validation
+                    codes.append("400")
                 if path.startswith("/v1/") and (method == "post" or "{" in path) or path.endswith("tokenize"):
                     codes.append("404")
                 for code in codes:
