@@ -64,6 +64,7 @@ class InferenceService:
         self.metrics = Metrics(lambda: self._snap)
         self._snap = Snapshot()
         self._snap_lock = asyncio.Lock()
+        self._snap_failed_s = 0.0  # when the latest refresh gave up
 
     @property
     def controller(self) -> Any:
@@ -204,7 +205,10 @@ class InferenceService:
         if time.time() - self._snap.time_s < self.limits.snapshot_max_age_s:
             return self._snap
         async with self._snap_lock:
-            if time.time() - self._snap.time_s >= self.limits.snapshot_max_age_s:
+            # A refresh that just ran (and failed: the controller is down) is not tried again at
+            # once by those who waited for it, so a status call waits for one attempt at most.
+            tried = max(self._snap.time_s, self._snap_failed_s)
+            if time.time() - tried >= self.limits.snapshot_max_age_s:
                 bases = [b for b, ok in zip(self.bases, self.supervisor.healthy) if ok]
                 try:
                     status, counts, stats = await asyncio.wait_for(asyncio.gather(
@@ -212,6 +216,7 @@ class InferenceService:
                         asyncio.gather(*(b.stats.remote() for b in bases))), self.limits.status_timeout_s)
                 except Exception as e:  # noqa: BLE001 - a dead or busy actor: keep the last snapshot
                     log.warning("pool snapshot: %r", e)
+                    self._snap_failed_s = time.time()
                     return self._snap
                 snap = Snapshot()
                 snap.status, snap.scale_counts = status, counts
