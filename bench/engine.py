@@ -36,7 +36,7 @@ from bench.floors import decode_floor_s
 from bench.probe import probe
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.config import PRESETS
-from fapool.graphs import BUCKETS
+from fapool.graphs import SEGMENT_BUCKETS
 
 POINTS = {"cuda": [(16384, 1), (65536, 8), (1024, 64), (4096, 64)], "cpu": [(256, 1), (512, 4), (128, 16)]}
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result["load"]), flush=True)
                 graphs = engine.runner.graphs
                 if graphs is not None:  # side by side: prompt chunks launched eagerly
-                    buckets, graphs.buckets = graphs.buckets, BUCKETS
+                    buckets, graphs.buckets = graphs.buckets, SEGMENT_BUCKETS
                     result["load_eager_chunks"] = load(engine, c, reqs, n_in, n_out, seed=400)
                     graphs.buckets = buckets
                     print(json.dumps(result["load_eager_chunks"]), flush=True)

@@ -14,7 +14,7 @@ import torch
 from fapool.attention import select_kernel
 from fapool.config import EngineConfig
 from fapool.executor import AttentionExecutor, LocalAttention
-from fapool.graphs import BUCKETS
+from fapool.graphs import SEGMENT_BUCKETS
 from fapool.loader import LoadedModel, load_model
 from fapool.output import OutputProcessor
 from fapool.paged_cache import PagedKVCache
@@ -200,7 +200,7 @@ class LLMEngine:
         with `force` (tests). The counters start again at zero: warm-up is no user's work."""
         if self.loaded.device.type != "cuda" and not force:
             return  # nothing to compile or capture
-        self.runner.warmup(min_chunk_tokens=BUCKETS[-1] + 1)  # prompt chunks' graphs (decode's: when first used)
+        self.runner.warmup(min_chunk_tokens=SEGMENT_BUCKETS[-1] + 1)  # prompt chunks' graphs (decode's: when first used)
         budget = self.scheduler.token_budget
         # Alone, then together: prompt chunks up to the budget, and chunks beside decodes.
         for group in ((1,), (7,), (100,), (1000,), (budget,), (3, 50, 2 * budget + 300)):

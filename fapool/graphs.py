@@ -33,7 +33,9 @@ import torch
 from fapool.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Decode batch sizes of the segment graphs; the whole-step graph (step_graph.STEP_BUCKETS) goes
+# further, since it replays the whole step where these replay the segments between attention calls.
+SEGMENT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 TOKEN_STEP = 256  # prompt-chunk buckets: every 256 tokens up to the step's most
 MAX_GRAPH_TOKENS = 4096  # larger steps are GPU-bound: launched eagerly, no graph memory for them
@@ -42,7 +44,7 @@ MAX_GRAPH_TOKENS = 4096  # larger steps are GPU-bound: launched eagerly, no grap
 def buckets_for(max_tokens: int) -> tuple[int, ...]:
     """Decode batch sizes, then token counts every TOKEN_STEP up to `max_tokens` (capped)."""
     top = -(-min(max_tokens, MAX_GRAPH_TOKENS) // TOKEN_STEP) * TOKEN_STEP
-    return tuple(sorted(set(BUCKETS) | {128} | set(range(TOKEN_STEP, top + 1, TOKEN_STEP))))
+    return tuple(sorted(set(SEGMENT_BUCKETS) | {128} | set(range(TOKEN_STEP, top + 1, TOKEN_STEP))))
 
 
 @dataclass
@@ -62,7 +64,7 @@ class GraphSet:
 
 class SegmentGraphs:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
-                 max_tokens: int = BUCKETS[-1]) -> None:
+                 max_tokens: int = SEGMENT_BUCKETS[-1]) -> None:
         """`max_tokens`: the most tokens a step carries (decodes plus prompt chunks)."""
         self.model, self.device, self.dtype = model, device, dtype
         self.enabled = device.type == "cuda"

@@ -30,7 +30,7 @@ from fapool.model.ops import fused
 from fapool.paged_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # decode batch sizes of the whole-step graph
 
 
 def splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -63,7 +63,7 @@ class PagedDecodeGraphs:
         self.merge = fused(merge_splits) if fuse else merge_splits
         self.device = cache.device
         self.capture = capture
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= max_batch)]
+        self.buckets = [b for b in STEP_BUCKETS if b < max_batch] + [next(b for b in STEP_BUCKETS if b >= max_batch)]
         on_cuda = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_cuda else 0
         self.prev = torch.zeros(self.buckets[-1], dtype=torch.long, device=self.device)

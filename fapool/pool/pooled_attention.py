@@ -20,7 +20,7 @@ from fapool.config import ModelConfig
 from fapool.executor import AttentionExecutor, LocalAttention, Placement
 from fapool.paged_cache import PagedKVCache
 from fapool.policy import PolicyConfig, pool_size
-from fapool.pool.membership import EpochSpec, MemberInfo
+from fapool.pool.membership import EpochSpec
 from fapool.pool.placement import ShardPlacement
 from fapool.pool.protocol import OP_DECODE, OP_FREE, OP_PREFILL, OP_STOP, encode_prefill, rows_of
 from fapool.pool.step import PooledSeq, PooledStep, decode_layer, plan_step, prefill_layer
