@@ -3,7 +3,7 @@ import torch
 
 from fapool import EngineConfig, LLMEngine, SamplingParams
 from fapool.attention.paged import merge_splits
-from fapool.model.ops import EAGER, compiled_ops, fused
+from fapool.model.ops import EAGER, LARGE_ROWS, compiled_ops, fused
 
 
 def test_compiled_ops_equal_eager_at_every_batch_size():
@@ -58,7 +58,7 @@ def test_compiled_rotary_and_swiglu_on_the_layers_strided_views_give_the_same_bi
     """The fused projections' output is sliced into views (row stride wider than the row); the
     compiled chains keep the row length constant, and elementwise work gives eager's exact bits."""
     ops, g = compiled_ops(), torch.Generator().manual_seed(2)
-    for n in (4, 1, 9):
+    for n in (4, 1, 9, LARGE_ROWS + 1, LARGE_ROWS + 7):  # both kernels of each (by_rows)
         gate, up = torch.randn(n, 96, generator=g).to(torch.bfloat16).chunk(2, dim=-1)
         assert torch.equal(ops.silu_mul(gate, up), EAGER.silu_mul(gate, up))
         q, k, _ = torch.randn(n, 128, generator=g).to(torch.bfloat16).split([64, 32, 32], dim=-1)
