@@ -1,5 +1,6 @@
-"""Prefix caching on the GPU path (flash-attn-4 paged, page 128, the paper shape in bf16, captured
-decode steps, async scheduling): greedy tokens with a cache hit equal those without."""
+"""Prefix caching on the GPU path (flash-attn-4 paged, page 128, captured decode steps, async
+scheduling): greedy tokens with a cache hit equal those without, on the paper shape in bf16 and on
+a Hugging Face checkpoint loaded from its safetensors."""
 import pytest
 import torch
 
@@ -56,3 +57,34 @@ def test_mid_page_divergence_and_sharers_in_one_batch(engines):
     for c, w in zip(got, want):
         assert c.token_ids[:6] == w[:6]
     assert sum(c.token_ids == w for c, w in zip(got, want)) >= len(prompts) - 1
+
+
+@pytest.fixture(scope="module")
+def hf_engines(tmp_path_factory):
+    """A Llama checkpoint written by transformers (bf16, heads of 128), read by fapool's loader."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.helpers.checkpoints import make_llama_checkpoint
+
+    path = make_llama_checkpoint(tmp_path_factory.mktemp("hf-gpu"), hidden=512, dtype="bfloat16", std=0.18,
+                                 max_positions=16384)
+    cfg = dict(model=str(path), device="cuda", kv_capacity_tokens=60_000, max_model_len=16_384, max_num_seqs=8)
+    warm, cold = LLMEngine(EngineConfig(**cfg)), LLMEngine(EngineConfig(**cfg, prefix_caching=False))
+    if not warm.kernel.paged_in_graph:
+        pytest.skip("needs flash-attn-4 (a kernel that reads pages itself)")
+    assert warm.cache.page_size == 128 and warm.loaded.dtype == torch.bfloat16
+    return warm, cold
+
+
+def test_an_hf_checkpoint_gives_the_same_tokens_with_a_hit(hf_engines):
+    warm, cold = hf_engines
+    vocab = warm.loaded.config.vocab_size
+    r = torch.Generator().manual_seed(9)
+    doc = torch.randint(3, vocab, (2 * warm.scheduler.token_budget,), generator=r).tolist()  # whole chunks and pages
+    questions = [torch.randint(3, vocab, (n,), generator=r).tolist() for n in (30, 57, 90)]
+    warm.generate([doc + [5]], SP)  # the document read once
+    got = [warm.generate([doc + q], SP)[0] for q in questions]
+    want = [cold.generate([doc + q], SP)[0] for q in questions]
+    assert [c.cached_tokens for c in got] == [len(doc)] * 3
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]  # same kernels on the same rows
+    assert len({c.token_ids for c in want}) == 3  # the questions lead to different text

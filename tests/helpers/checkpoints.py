@@ -77,22 +77,24 @@ def _write_tokenizer(path: Path, tok: Tokenizer, config: dict) -> None:
 
 
 def make_llama_checkpoint(path: Path, *, gqa: bool = True, tie: bool = False, seed: int = 0,
-                          num_layers: int = 2, std: float = INIT_STD) -> Path:
-    """LlamaForCausalLM (vocab 384, hidden 64, 4 heads, 2 KV heads with `gqa`) + a `<s>`/`</s>` BPE tokenizer."""
+                          num_layers: int = 2, std: float = INIT_STD, hidden: int = 64, dtype: str = "float32",
+                          max_positions: int = 4096) -> Path:
+    """LlamaForCausalLM (vocab 384, hidden 64, 4 heads, 2 KV heads with `gqa`) + a `<s>`/`</s>` BPE
+    tokenizer. `hidden=512, dtype="bfloat16"`: heads of 128, what flash-attn-4 takes (the GPU tests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=4096,
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=max_positions,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1,
-        dtype="float32",
+        dtype=dtype,
     )
     torch.manual_seed(seed)  # transformers' own init, overwritten below, still draws from the global RNG
     model = LlamaForCausalLM(cfg)
     _randomize(model, seed, std)
-    model.save_pretrained(path, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     tok = build_bpe_tokenizer(["<s>", "</s>"], bos="<s>")
     _write_tokenizer(path, tok, {
         "bos_token": "<s>", "eos_token": {
