@@ -53,10 +53,17 @@ def test_mid_page_divergence_and_sharers_in_one_batch(engines):
     assert got[0].cached_tokens == 10_000 // 128 * 128
     assert all(c.cached_tokens == 20_000 // 128 * 128 for c in got[1:])
     assert warm.runner.step_graphs is not None and warm.runner.step_graphs._sets  # captured decode steps ran
-    # Chunks cut at other rows round differently in bf16: allow a late flip, never an early one.
-    for c, w in zip(got, want):
-        assert c.token_ids[:6] == w[:6]
-    assert sum(c.token_ids == w for c, w in zip(got, want)) >= len(prompts) - 1
+    # A hit that ends mid-page computes that page's rows in other chunks than the uncached run, and
+    # bf16 GEMMs round by their row count: greedy tokens may part only where the uncached run's two
+    # best tokens were a near tie (random weights have many), never at a clear choice.
+    assert sum(c.token_ids == w for c, w in zip(got, want)) >= len(prompts) - 2
+    for p, c, w in zip(prompts, got, want):
+        j = next((i for i, (a, b) in enumerate(zip(c.token_ids, w)) if a != b), None)
+        if j is not None:
+            [probe] = cold.generate([p + list(w[:j])], SamplingParams(max_tokens=1, temperature=0.0, logprobs=2))
+            top = dict(probe.logprobs[0].top)
+            assert {c.token_ids[j], w[j]} <= set(top), (j, top)
+            assert abs(top[c.token_ids[j]] - top[w[j]]) < 0.1, (j, top)  # a tie at bf16's rounding
 
 
 @pytest.fixture(scope="module")
